@@ -1,0 +1,42 @@
+# Every target a user needs; `make help` lists them. Tests run from a git-ignored venv with exact pins.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): requirements-dev.txt app/requirements.txt app/requirements-otel.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+venv: $(STAMP) ## create .venv with the pinned dependencies
+
+collector: $(STAMP) ## build (once, cached in .cache/) the OTel Collector from otel-collector/builder-config.yaml
+	$(PY) -m zerocode.collector
+
+test: $(STAMP) collector ## run every test tier (the docker tier skips itself, saying why, without Docker)
+	$(PY) -m pytest
+
+lint: $(STAMP) ## ruff
+	$(VENV)/bin/ruff check .
+
+up: ## start the whole stack in Docker and wait until it is healthy
+	docker compose up -d --wait
+
+down: ## stop the Docker stack and delete its volumes
+	docker compose down -v
+
+e2e: $(STAMP) ## only the docker tier (needs a Docker engine)
+	$(PY) -m pytest -m e2e tests/e2e
+
+clean: ## remove the venv and cached builds
+	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info
+
+.PHONY: help venv collector test lint up down e2e clean

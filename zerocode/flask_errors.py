@@ -1,0 +1,51 @@
+"""Record exceptions that a Flask app's own error handler swallows on the request's server span.
+
+The OTel Flask instrumentation records an exception only when it escapes the app. The dice API, like most
+real apps, has a catch-all `@app.errorhandler(Exception)` that turns failures into a JSON 500, so the span
+would say ERROR but not why. Wrapping `Flask.handle_user_exception` from outside adds the exception event
+(`exception.type`, `exception.message`, `exception.stacktrace`) without touching the app.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+log = logging.getLogger("zerocode.flask_errors")
+
+_WRAPPED_FLAG = "_zerocode_records_exceptions"
+
+
+def instrument() -> bool:
+    import flask
+    from opentelemetry import trace
+    from opentelemetry.trace import Status, StatusCode
+    from werkzeug.exceptions import HTTPException
+
+    original = flask.Flask.handle_user_exception
+    if getattr(original, _WRAPPED_FLAG, False):
+        return False
+
+    @functools.wraps(original)
+    def handle_user_exception(self, e):
+        # HTTP errors such as 404 are answers, not failures: only real exceptions are recorded.
+        if not isinstance(e, HTTPException):
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.record_exception(e)
+                span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
+        return original(self, e)
+
+    setattr(handle_user_exception, _WRAPPED_FLAG, True)
+    flask.Flask.handle_user_exception = handle_user_exception
+    return True
+
+
+def post_instrument(*_args, **_kwargs) -> None:
+    """Entry point for ``opentelemetry_post_instrument``; a missing Flask is not an error."""
+    try:
+        instrument()
+    except ImportError:
+        pass
+    except Exception as exc:  # noqa: BLE001 - never break the app's start-up
+        log.warning("could not record handled Flask exceptions on spans: %s", exc)

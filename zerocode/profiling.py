@@ -1,0 +1,210 @@
+"""Start Pyroscope continuous profiling from outside the app.
+
+`opentelemetry-instrument` calls :func:`post_instrument` (entry point group
+``opentelemetry_post_instrument``) after the SDK providers and instrumentors exist and before the app is
+imported. The hook reads its settings from the environment, because pyroscope-io reads none itself:
+
+=============================  ==========================================================  =========
+setting                        meaning                                                     default
+=============================  ==========================================================  =========
+PYROSCOPE_SERVER_ADDRESS       where profiles are pushed; unset turns profiling off        (unset)
+PYROSCOPE_TAGS                 extra series labels, ``key=value,key=value``                none
+PYROSCOPE_UPLOAD_INTERVAL      seconds between uploads; what is pending at exit is lost    10
+PYROSCOPE_SAMPLE_RATE          samples per second                                          100
+=============================  ==========================================================  =========
+
+The application name is the OTel ``service.name``, so Grafana's trace-to-profile link matches. Nothing
+here may ever crash or block the app: bad settings are logged as warnings that name the setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+log = logging.getLogger("zerocode.profiling")
+
+DEFAULT_UPLOAD_INTERVAL = 10
+DEFAULT_SAMPLE_RATE = 100
+REACHABILITY_TIMEOUT_S = 2.0
+
+
+class SettingError(ValueError):
+    """A PYROSCOPE_* value that cannot be used; the message names the setting."""
+
+
+@dataclass
+class ProfilingSettings:
+    server_address: str
+    application_name: str
+    tags: dict[str, str] = field(default_factory=dict)
+    upload_interval: int = DEFAULT_UPLOAD_INTERVAL
+    sample_rate: int = DEFAULT_SAMPLE_RATE
+
+
+def _ensure_visible_logging() -> None:
+    # The hook runs before the app configures logging; without a handler of our own, INFO lines vanish.
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def parse_server_address(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingError(
+            f"PYROSCOPE_SERVER_ADDRESS={value!r} is not an http(s) URL such as http://pyroscope:4040"
+        )
+    try:
+        parts.port  # noqa: B018 - raises ValueError on a malformed port
+    except ValueError as exc:
+        raise SettingError(f"PYROSCOPE_SERVER_ADDRESS={value!r} has an invalid port: {exc}") from None
+    return value.rstrip("/")
+
+
+def parse_tags(name: str, value: str) -> dict[str, str]:
+    tags: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        key, sep, val = item.partition("=")
+        if not sep or not key.strip() or not val.strip():
+            raise SettingError(f"{name}={value!r}: {item!r} is not key=value (expected k=v,k2=v2)")
+        tags[key.strip()] = val.strip()
+    return tags
+
+
+def parse_positive_int(name: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise SettingError(f"{name}={value!r} is not a whole number") from None
+    if number <= 0:
+        raise SettingError(f"{name}={value!r} must be greater than 0")
+    return number
+
+
+def service_name() -> str:
+    """The OTel service.name of the configured SDK, so profiles and traces share one name."""
+    try:
+        from opentelemetry import trace
+
+        resource = getattr(trace.get_tracer_provider(), "resource", None)
+        name = resource.attributes.get("service.name") if resource is not None else None
+        if name:
+            return str(name)
+    except Exception:  # noqa: BLE001 - fall back to the environment below
+        pass
+    return os.environ.get("OTEL_SERVICE_NAME") or "unknown_service"
+
+
+def _optional(environ, name: str, parse, default):
+    value = environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return parse(name, value)
+    except SettingError as exc:
+        log.warning("%s; using the default %r instead", exc, default)
+        return default
+
+
+def settings_from_env(environ: dict[str, str] | os._Environ[str] = os.environ) -> ProfilingSettings | None:
+    """None when profiling is off. Invalid optional settings fall back to defaults with a warning."""
+    address = environ.get("PYROSCOPE_SERVER_ADDRESS", "").strip()
+    if not address:
+        return None
+    return ProfilingSettings(
+        server_address=parse_server_address(address),
+        application_name=service_name(),
+        tags=_optional(environ, "PYROSCOPE_TAGS", parse_tags, {}),
+        upload_interval=_optional(environ, "PYROSCOPE_UPLOAD_INTERVAL", parse_positive_int, DEFAULT_UPLOAD_INTERVAL),
+        sample_rate=_optional(environ, "PYROSCOPE_SAMPLE_RATE", parse_positive_int, DEFAULT_SAMPLE_RATE),
+    )
+
+
+def _start_agent(settings: ProfilingSettings) -> None:
+    import pyroscope
+
+    pyroscope.configure(
+        application_name=settings.application_name,
+        server_address=settings.server_address,
+        tags=settings.tags,
+        sample_rate=settings.sample_rate,
+        upload_interval=settings.upload_interval,
+        # gunicorn workers are separate processes: a pid label tells their flame graphs apart.
+        report_pid=True,
+    )
+
+
+def _restart_in_child(settings: ProfilingSettings) -> None:
+    # The agent's sampler thread does not survive fork(), so a gunicorn worker would otherwise be
+    # profiled by nobody while the idle master keeps uploading.
+    try:
+        _start_agent(settings)
+    except Exception as exc:  # noqa: BLE001 - a worker must start even if profiling cannot
+        log.warning("Pyroscope could not restart in worker pid %d: %s", os.getpid(), exc)
+
+
+def _add_span_processor() -> bool:
+    from opentelemetry import trace
+    from pyroscope.otel import PyroscopeSpanProcessor
+
+    provider = trace.get_tracer_provider()
+    if not hasattr(provider, "add_span_processor"):
+        log.warning("no OpenTelemetry SDK tracer provider (OTEL_TRACES_EXPORTER?); span profiles are off")
+        return False
+    provider.add_span_processor(PyroscopeSpanProcessor())
+    return True
+
+
+def _warn_if_unreachable(address: str) -> None:
+    parts = urlsplit(address)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=REACHABILITY_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        log.warning(
+            "PYROSCOPE_SERVER_ADDRESS=%s is unreachable (%s); profiles are dropped until it answers", address, exc
+        )
+
+
+def start(environ: dict[str, str] | os._Environ[str] = os.environ) -> ProfilingSettings | None:
+    try:
+        settings = settings_from_env(environ)
+    except SettingError as exc:
+        log.warning("%s; continuous profiling is off", exc)
+        return None
+    if settings is None:
+        log.info("PYROSCOPE_SERVER_ADDRESS is not set; continuous profiling is off")
+        return None
+    _start_agent(settings)
+    os.register_at_fork(after_in_child=lambda: _restart_in_child(settings))
+    span_profiles = _add_span_processor()
+    # Checked in the background: a slow DNS lookup or a dead server must not delay the app's start.
+    threading.Thread(
+        target=_warn_if_unreachable, args=(settings.server_address,), name="pyroscope-reachability", daemon=True
+    ).start()
+    log.info(
+        "Pyroscope profiling started as %r to %s every %ss (span profiles %s)",
+        settings.application_name, settings.server_address, settings.upload_interval,
+        "on" if span_profiles else "off",
+    )
+    return settings
+
+
+def post_instrument(*_args, **_kwargs) -> None:
+    """Entry point for ``opentelemetry_post_instrument``; never raises into the app's start-up."""
+    _ensure_visible_logging()
+    try:
+        start()
+    except Exception as exc:  # noqa: BLE001 - the app must run even when profiling cannot
+        log.warning("Pyroscope profiling could not start (%s: %s); the app runs without it",
+                    type(exc).__name__, exc)

@@ -1,0 +1,329 @@
+"""Capture sinks for the backends that cannot run on a machine without Docker (Tempo, the Pyroscope server).
+
+They only receive and decode, with real libraries: opentelemetry-proto for OTLP, protobuf for the Pyroscope
+push body and the pprof inside it. They never stand in for a component that can run here (the collector,
+Prometheus): the tests use them where Tempo or Pyroscope would sit.
+"""
+
+from __future__ import annotations
+
+import gzip
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
+
+PUSH_PATH = "/push.v1.PusherService/Push"
+
+
+def any_value(value: AnyValue):
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None
+
+
+def attributes(key_values) -> dict:
+    return {kv.key: any_value(kv.value) for kv in key_values}
+
+
+# --------------------------------------------------------------------------------------------------- OTLP
+
+
+@dataclass
+class CapturedSpan:
+    resource: dict
+    span: Span
+
+    @property
+    def attributes(self) -> dict:
+        return attributes(self.span.attributes)
+
+    @property
+    def span_id(self) -> str:
+        return self.span.span_id.hex()
+
+    @property
+    def trace_id(self) -> str:
+        return self.span.trace_id.hex()
+
+    @property
+    def is_root(self) -> bool:
+        return not self.span.parent_span_id
+
+
+@dataclass
+class HistogramPoint:
+    resource: dict
+    attributes: dict
+    count: int
+    start_time_unix_nano: int
+    time_unix_nano: int
+
+
+class OtlpSink:
+    """An OTLP/gRPC endpoint (traces, metrics, logs) that keeps every request it is sent."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        self._lock = threading.Lock()
+        self.trace_requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
+        self.metric_requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
+        self.log_requests: list[logs_service_pb2.ExportLogsServiceRequest] = []
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        sink = self
+
+        class Traces(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):  # noqa: N802 - gRPC method name
+                sink._keep(sink.trace_requests, request)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        class Metrics(metrics_service_pb2_grpc.MetricsServiceServicer):
+            def Export(self, request, context):  # noqa: N802
+                sink._keep(sink.metric_requests, request)
+                return metrics_service_pb2.ExportMetricsServiceResponse()
+
+        class Logs(logs_service_pb2_grpc.LogsServiceServicer):
+            def Export(self, request, context):  # noqa: N802
+                sink._keep(sink.log_requests, request)
+                return logs_service_pb2.ExportLogsServiceResponse()
+
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Traces(), self._server)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Metrics(), self._server)
+        logs_service_pb2_grpc.add_LogsServiceServicer_to_server(Logs(), self._server)
+        self.port = self._server.add_insecure_port(f"{host}:{port}")
+        self.endpoint = f"{host}:{self.port}"
+
+    def _keep(self, bucket: list, request) -> None:
+        with self._lock:
+            bucket.append(request)
+
+    def start(self) -> OtlpSink:
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.stop(grace=1).wait()
+
+    def spans(self) -> list[CapturedSpan]:
+        with self._lock:
+            requests = list(self.trace_requests)
+        return [
+            CapturedSpan(attributes(rs.resource.attributes), span)
+            for request in requests
+            for rs in request.resource_spans
+            for ss in rs.scope_spans
+            for span in ss.spans
+        ]
+
+    def histogram_points(self, name: str) -> Iterator[HistogramPoint]:
+        with self._lock:
+            requests = list(self.metric_requests)
+        for request in requests:
+            for rm in request.resource_metrics:
+                resource = attributes(rm.resource.attributes)
+                for sm in rm.scope_metrics:
+                    for metric in sm.metrics:
+                        if metric.name == name and metric.WhichOneof("data") == "histogram":
+                            for point in metric.histogram.data_points:
+                                yield HistogramPoint(resource, attributes(point.attributes), point.count,
+                                                     point.start_time_unix_nano, point.time_unix_nano)
+
+    def latest_cumulative_counts(self, name: str, keys: tuple[str, ...]) -> dict[tuple, int]:
+        """Histogram counts summed over every exporting process (service.instance.id), by attribute keys.
+
+        The SDK exports cumulative points, so the newest point per (instance, attribute set) is the total.
+        """
+        newest: dict[tuple, HistogramPoint] = {}
+        for point in self.histogram_points(name):
+            series = (point.resource.get("service.instance.id"), tuple(sorted(point.attributes.items())))
+            if series not in newest or point.time_unix_nano >= newest[series].time_unix_nano:
+                newest[series] = point
+        totals: dict[tuple, int] = {}
+        for point in newest.values():
+            key = tuple(point.attributes.get(k) for k in keys)
+            totals[key] = totals.get(key, 0) + point.count
+        return totals
+
+
+# ------------------------------------------------------------------------------------ Pyroscope and pprof
+
+
+def _build_messages() -> dict[str, type]:
+    """push.v1.PushRequest and pprof's perftools.profiles.Profile, declared field by field.
+
+    Neither schema ships in a PyPI package; the field numbers follow grafana/pyroscope's api/push/v1
+    and google/pprof's proto/profile.proto.
+    """
+    F = descriptor_pb2.FieldDescriptorProto
+    opt, rep = F.LABEL_OPTIONAL, F.LABEL_REPEATED
+
+    def message(name: str, *fields: tuple) -> descriptor_pb2.DescriptorProto:
+        msg = descriptor_pb2.DescriptorProto(name=name)
+        for fname, number, ftype, label, *type_name in fields:
+            msg.field.add(name=fname, number=number, type=ftype, label=label,
+                          type_name=type_name[0] if type_name else None)
+        return msg
+
+    pprof = descriptor_pb2.FileDescriptorProto(name="zerocode/pprof.proto", package="perftools.profiles",
+                                               syntax="proto3")
+    pprof.message_type.extend([
+        message("Profile",
+                ("sample_type", 1, F.TYPE_MESSAGE, rep, ".perftools.profiles.ValueType"),
+                ("sample", 2, F.TYPE_MESSAGE, rep, ".perftools.profiles.Sample"),
+                ("location", 4, F.TYPE_MESSAGE, rep, ".perftools.profiles.Location"),
+                ("function", 5, F.TYPE_MESSAGE, rep, ".perftools.profiles.Function"),
+                ("string_table", 6, F.TYPE_STRING, rep),
+                ("time_nanos", 9, F.TYPE_INT64, opt),
+                ("duration_nanos", 10, F.TYPE_INT64, opt),
+                ("period_type", 11, F.TYPE_MESSAGE, opt, ".perftools.profiles.ValueType"),
+                ("period", 12, F.TYPE_INT64, opt)),
+        message("ValueType", ("type", 1, F.TYPE_INT64, opt), ("unit", 2, F.TYPE_INT64, opt)),
+        message("Sample",
+                ("location_id", 1, F.TYPE_UINT64, rep),
+                ("value", 2, F.TYPE_INT64, rep),
+                ("label", 3, F.TYPE_MESSAGE, rep, ".perftools.profiles.Label")),
+        message("Label", ("key", 1, F.TYPE_INT64, opt), ("str", 2, F.TYPE_INT64, opt),
+                ("num", 3, F.TYPE_INT64, opt)),
+        message("Location", ("id", 1, F.TYPE_UINT64, opt),
+                ("line", 4, F.TYPE_MESSAGE, rep, ".perftools.profiles.Line")),
+        message("Line", ("function_id", 1, F.TYPE_UINT64, opt), ("line", 2, F.TYPE_INT64, opt)),
+        message("Function", ("id", 1, F.TYPE_UINT64, opt), ("name", 2, F.TYPE_INT64, opt),
+                ("filename", 4, F.TYPE_INT64, opt)),
+    ])
+    push = descriptor_pb2.FileDescriptorProto(name="zerocode/push.proto", package="push.v1", syntax="proto3")
+    push.message_type.extend([
+        message("PushRequest", ("series", 1, F.TYPE_MESSAGE, rep, ".push.v1.RawProfileSeries")),
+        message("RawProfileSeries",
+                ("labels", 1, F.TYPE_MESSAGE, rep, ".push.v1.LabelPair"),
+                ("samples", 2, F.TYPE_MESSAGE, rep, ".push.v1.RawSample")),
+        message("LabelPair", ("name", 1, F.TYPE_STRING, opt), ("value", 2, F.TYPE_STRING, opt)),
+        message("RawSample", ("raw_profile", 1, F.TYPE_BYTES, opt), ("ID", 2, F.TYPE_STRING, opt)),
+    ])
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(pprof)
+    pool.Add(push)
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
+        for name in ("perftools.profiles.Profile", "push.v1.PushRequest")
+    }
+
+
+_MESSAGES = _build_messages()
+Profile = _MESSAGES["perftools.profiles.Profile"]
+PushRequest = _MESSAGES["push.v1.PushRequest"]
+
+
+@dataclass
+class ProfileUpload:
+    """One profile series from one push: its series labels and the decoded pprof."""
+
+    labels: dict[str, str]
+    profile: object
+
+    def _string(self, index: int) -> str:
+        return self.profile.string_table[index]
+
+    @property
+    def sample_type(self) -> tuple[str, str]:
+        vt = self.profile.sample_type[0]
+        return self._string(vt.type), self._string(vt.unit)
+
+    def function_names(self) -> set[str]:
+        return {self._string(f.name) for f in self.profile.function}
+
+    def functions_by_sample_label(self, key: str) -> dict[str, set[str]]:
+        """Function names on the stacks of the samples carrying each value of a sample label (e.g. pid)."""
+        functions = {f.id: self._string(f.name) for f in self.profile.function}
+        locations = {loc.id: [functions[line.function_id] for line in loc.line] for loc in self.profile.location}
+        result: dict[str, set[str]] = {}
+        for sample in self.profile.sample:
+            for label in sample.label:
+                if self._string(label.key) == key:
+                    names = result.setdefault(self._string(label.str), set())
+                    for location_id in sample.location_id:
+                        names.update(locations.get(location_id, ()))
+        return result
+
+    def sample_labels(self, key: str) -> set[str]:
+        return {
+            self._string(label.str)
+            for sample in self.profile.sample
+            for label in sample.label
+            if self._string(label.key) == key
+        }
+
+
+@dataclass
+class PyroscopeSink:
+    """Accepts pyroscope-io's pushes (`POST /push.v1.PusherService/Push`) and keeps them decoded."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    uploads: list[ProfileUpload] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    if self.path != PUSH_PATH:
+                        raise ValueError(f"unexpected path {self.path}")
+                    sink._keep(decode_push(body, self.headers.get("Content-Encoding", "")))
+                except Exception as exc:  # noqa: BLE001 - record and answer 400, like a strict server
+                    sink.rejected.append(f"{self.path}: {exc}")
+                    self.send_response(400)
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):  # keep test output readable
+                pass
+
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+        self.port = self._server.server_address[1]
+        self.address = f"http://{self.host}:{self.port}"
+
+    def _keep(self, uploads: list[ProfileUpload]) -> None:
+        with self._lock:
+            self.uploads.extend(uploads)
+
+    def start(self) -> PyroscopeSink:
+        threading.Thread(target=self._server.serve_forever, name="pyroscope-sink", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def snapshot(self) -> list[ProfileUpload]:
+        with self._lock:
+            return list(self.uploads)
+
+
+def _maybe_gunzip(data: bytes) -> bytes:
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+def decode_push(body: bytes, content_encoding: str = "gzip") -> list[ProfileUpload]:
+    if "gzip" in content_encoding:
+        body = gzip.decompress(body)
+    request = PushRequest.FromString(body)
+    uploads = []
+    for series in request.series:
+        labels = {pair.name: pair.value for pair in series.labels}
+        for sample in series.samples:
+            uploads.append(ProfileUpload(labels, Profile.FromString(_maybe_gunzip(sample.raw_profile))))
+    return uploads
