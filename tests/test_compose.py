@@ -1,0 +1,298 @@
+"""docker-compose.yml and .env, checked without a Docker engine.
+
+The Compose Specification's JSON schema (vendored by check-jsonschema) validates the structure; the
+rest are the rules of this stack: versions from .env, no `latest`, ports bound to BIND_ADDRESS, a
+memory limit and a healthcheck (or a stated reason and a stand-in) for every service, and
+`depends_on` conditions that make `docker compose up -d --wait` mean "ready".
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+from stackfiles import (
+    COMPOSE_FILE,
+    DOTENV_FILE,
+    REPO_ROOT,
+    SERVICES,
+    bind_mounts,
+    compose,
+    compose_text,
+    dotenv,
+    named_volumes,
+    raw_compose,
+    variables,
+)
+
+pytestmark = pytest.mark.unit
+
+# Services whose image cannot run a healthcheck, and what checks them instead.
+NO_HEALTHCHECK = {
+    # FROM scratch: no shell, no HTTP client. The probe service polls its health_check extension.
+    "otel-collector": "http://otel-collector:13133/",
+    # distroless: no shell, no HTTP client. The probe service polls its readiness endpoint.
+    "tempo": "http://tempo:3200/ready",
+    # FROM scratch, and must not be stood in for: where eBPF cannot run it exits, visibly.
+    "beyla": None,
+}
+
+# Where each backend keeps its data (the images' data directories).
+DATA_DIRS = {"prometheus": "/prometheus", "tempo": "/var/tempo", "pyroscope": "/data", "grafana": "/var/lib/grafana"}
+
+
+def check_jsonschema(path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def dockerfile_has_healthcheck(service: dict) -> bool:
+    build = service.get("build")
+    if not build:
+        return False
+    dockerfile = REPO_ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")
+    return bool(re.search(r"^HEALTHCHECK\s+(?!NONE)", dockerfile.read_text(), re.MULTILINE))
+
+
+def has_healthcheck(service: dict) -> bool:
+    check = service.get("healthcheck")
+    if check:
+        return not check.get("disable", False) and check.get("test") not in (["NONE"], "NONE")
+    return dockerfile_has_healthcheck(service)
+
+
+@pytest.fixture(scope="module")
+def services() -> dict:
+    return compose()["services"]
+
+
+def test_compose_file_matches_the_compose_specification_schema():
+    result = check_jsonschema(COMPOSE_FILE)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_schema_check_catches_a_misspelt_key(tmp_path):
+    broken = tmp_path / "docker-compose.yml"
+    broken.write_text(compose_text().replace("mem_limit:", "mem_limt:", 1))
+    result = check_jsonschema(broken)
+    assert result.returncode != 0
+    assert "mem_limt" in result.stdout + result.stderr
+
+
+def test_the_stack_has_exactly_its_services(services):
+    assert set(services) == SERVICES
+
+
+def test_every_variable_is_defined_in_dotenv():
+    used = variables(compose_text())
+    defined = set(dotenv())
+    assert used <= defined, f"used in docker-compose.yml but not defined in .env: {sorted(used - defined)}"
+
+
+def test_every_dotenv_setting_is_used():
+    unused = set(dotenv()) - variables(compose_text())
+    assert not unused, f".env settings that docker-compose.yml never reads: {sorted(unused)}"
+
+
+def test_no_password_is_committed():
+    assert dotenv()["GRAFANA_ADMIN_PASSWORD"] == ""
+    for name, service in raw_compose()["services"].items():
+        environment = service.get("environment") or {}
+        for key, value in environment.items() if isinstance(environment, dict) else ():
+            if "PASSWORD" in key:
+                assert re.fullmatch(r"\$\{[A-Z_]+(:-)?\}", str(value)), f"{name}: {key} has a literal value"
+
+
+def test_every_image_is_pinned_to_a_version_from_dotenv(services):
+    raw = raw_compose()["services"]
+    versions = {key: value for key, value in dotenv().items() if key.endswith("_VERSION")}
+    for name, service in services.items():
+        if "build" in service:
+            # Built here; its base image version is a build argument from .env.
+            for arg in (raw[name]["build"].get("args") or {}).values():
+                assert variables(str(arg)) <= set(versions), f"{name}: build arg {arg} not from .env"
+            assert not service["image"].endswith(":latest")
+            continue
+        image = service["image"]
+        repository, _, tag = image.rpartition(":")
+        assert repository and tag, f"{name}: image {image} has no tag"
+        assert tag != "latest" and re.search(r"\d", tag), f"{name}: {image} is not pinned to a version"
+        written = raw[name]["image"]
+        assert variables(written) & set(versions), f"{name}: the tag of {written} must come from a *_VERSION in .env"
+
+
+def test_no_latest_anywhere():
+    assert not re.search(r":latest\b", compose_text())
+    assert not any(value == "latest" for value in dotenv().values())
+
+
+def test_every_published_port_is_bound_to_the_bind_address(services):
+    bind_address = dotenv()["BIND_ADDRESS"]
+    for name, service in raw_compose()["services"].items():
+        for port in service.get("ports", []):
+            assert isinstance(port, str), f"{name}: use the short syntax HOST_IP:HOST:CONTAINER ({port!r})"
+            assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), f"{name}: {port} is not bound to BIND_ADDRESS"
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            host_ip, host_port, container_port = port.split(":")
+            assert host_ip == bind_address, f"{name}: {port}"
+    # And without .env (or with BIND_ADDRESS unset) the default is loopback, not every interface.
+    env = {key: value for key, value in dotenv().items() if key != "BIND_ADDRESS"}
+    for name, service in compose(env)["services"].items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), f"{name}: {port}"
+
+
+def test_every_service_has_a_memory_limit(services):
+    for name, service in services.items():
+        limit = service.get("mem_limit") or (
+            service.get("deploy", {}).get("resources", {}).get("limits", {}).get("memory")
+        )
+        assert limit, f"{name} has no memory limit"
+        assert re.fullmatch(r"\d+[kmg]", str(limit)), f"{name}: unexpected memory limit {limit!r}"
+
+
+def test_every_service_has_a_healthcheck_or_a_stand_in(services):
+    probe_test = " ".join(services["probe"]["healthcheck"]["test"])
+    for name, service in services.items():
+        if name in NO_HEALTHCHECK:
+            assert not has_healthcheck(service), f"{name}: listed as unable to run a healthcheck, but has one"
+            if NO_HEALTHCHECK[name]:
+                assert NO_HEALTHCHECK[name] in probe_test, f"nothing checks {name} at {NO_HEALTHCHECK[name]}"
+        else:
+            assert has_healthcheck(service), f"{name} has no healthcheck"
+
+
+def test_the_app_image_healthcheck_is_found():
+    # The app's healthcheck lives in its Dockerfile; make sure the lookup above really reads it.
+    app = raw_compose()["services"]["app"]
+    assert dockerfile_has_healthcheck(app)
+    assert not dockerfile_has_healthcheck({"build": {"context": ".", "dockerfile": "docker-compose.yml"}})
+
+
+def test_depends_on_waits_for_health(services):
+    for name, service in services.items():
+        depends_on = service.get("depends_on", {})
+        assert isinstance(depends_on, dict), f"{name}: depends_on needs the long form with a condition"
+        for target, spec in depends_on.items():
+            condition = spec.get("condition")
+            if has_healthcheck(services[target]):
+                assert condition == "service_healthy", f"{name} -> {target}: wait for service_healthy"
+            else:
+                assert condition == "service_started", f"{name} -> {target}: {target} has no healthcheck"
+
+
+def test_nothing_waits_for_beyla(services):
+    # Where eBPF cannot run, Beyla exits; nothing else may depend on it.
+    for name, service in services.items():
+        assert "beyla" not in service.get("depends_on", {}), f"{name} depends on beyla"
+
+
+def test_every_service_an_app_needs_is_waited_for(services):
+    app_needs = set(services["app"]["depends_on"])
+    assert {"probe", "pyroscope"} <= app_needs
+    assert set(services["grafana"]["depends_on"]) >= {"prometheus", "pyroscope", "probe"}
+    assert "app" in services["locust"]["depends_on"]
+
+
+def test_backends_keep_their_data_in_named_volumes(services):
+    declared = set(raw_compose().get("volumes") or {})
+    for name, directory in DATA_DIRS.items():
+        volumes = dict((target, source) for source, target in named_volumes(services[name]))
+        assert directory in volumes, f"{name}: no named volume at {directory}"
+        assert volumes[directory] in declared, f"{name}: volume {volumes[directory]} is not declared"
+
+
+def test_every_mounted_file_exists(services):
+    for name, service in services.items():
+        for source, _ in bind_mounts(service):
+            assert (REPO_ROOT / source).exists(), f"{name}: mounts {source}, which does not exist"
+        for env_file in [service["env_file"]] if isinstance(service.get("env_file"), str) else []:
+            assert (REPO_ROOT / env_file).is_file(), f"{name}: env_file {env_file} is missing"
+        build = service.get("build")
+        if build:
+            assert (REPO_ROOT / build["context"] / build["dockerfile"]).is_file()
+
+
+def test_config_paths_on_command_lines_are_mounted(services):
+    for name, service in services.items():
+        targets = [target for _, target in bind_mounts(service)]
+        words = [*(service.get("entrypoint") or []), *(service.get("command") or [])]
+        for word in words:
+            for path in re.findall(r"(/(?:etc|mnt)/\S+)", str(word)):
+                assert any(path == t or path.startswith(t.rstrip("/") + "/") for t in targets), (
+                    f"{name}: {path} is used on the command line but nothing is mounted there"
+                )
+
+
+def test_prometheus_runs_the_config_with_exemplar_storage_and_its_rules(services):
+    prometheus = services["prometheus"]
+    command = prometheus["command"]
+    assert "--config.file=/etc/prometheus/prometheus-config.yaml" in command
+    assert "--enable-feature=exemplar-storage" in command
+    mounts = dict(bind_mounts(prometheus))
+    assert mounts["./prometheus/prometheus-config.yaml"] == "/etc/prometheus/prometheus-config.yaml"
+    # rule_files are relative to the config file's directory: they must resolve into the mounted rules.
+    config = yaml.safe_load((REPO_ROOT / "prometheus" / "prometheus-config.yaml").read_text())
+    for pattern in config.get("rule_files", []):
+        resolved = pattern if pattern.startswith("/") else "/etc/prometheus/" + pattern
+        directory = resolved.rsplit("/", 1)[0]
+        assert mounts.get("./prometheus/rules") == directory, f"rule_files {pattern} is not the mounted rules dir"
+
+
+def test_collector_runs_its_config(services):
+    collector = services["otel-collector"]
+    assert collector["command"] == ["--config=/etc/otelcol/otel-collector-config.yaml"]
+    assert ("./otel-collector/otel-collector-config.yaml", "/etc/otelcol/otel-collector-config.yaml") in (
+        bind_mounts(collector)
+    )
+
+
+def test_beyla_shares_the_app_pid_namespace_with_the_privileges_it_needs(services):
+    beyla = services["beyla"]
+    assert beyla["pid"] == "service:app"
+    documented_caps = {"BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH", "CHECKPOINT_RESTORE", "NET_RAW", "SYS_ADMIN"}
+    assert beyla.get("privileged") is True or documented_caps <= set(beyla.get("cap_add", []))
+    assert int(beyla.get("scale", 1)) == int(dotenv()["BEYLA_SCALE"])
+
+
+def test_the_app_runs_as_non_root(services):
+    app = services["app"]
+    assert app.get("user") in (None, "") or not str(app["user"]).startswith(("0", "root"))
+    dockerfile = (REPO_ROOT / app["build"]["context"] / app["build"]["dockerfile"]).read_text()
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
+    assert users and users[-1] not in ("root", "0", "0:0"), "app/Dockerfile must end with a non-root USER"
+
+
+def test_grafana_downloads_nothing_at_start(services):
+    environment = services["grafana"]["environment"]
+    assert not {"GF_INSTALL_PLUGINS", "GF_PLUGINS_PREINSTALL", "GF_PLUGINS_PREINSTALL_SYNC"} & set(environment)
+    assert environment["GF_PLUGINS_PREINSTALL_DISABLED"] == "true"
+
+
+def test_dotenv_is_where_compose_reads_it():
+    # Compose reads .env from the project directory, i.e. beside docker-compose.yml.
+    assert DOTENV_FILE.parent == COMPOSE_FILE.parent
+
+
+def test_the_docker_tier_workflow_is_valid_and_cannot_skip_silently():
+    workflow = REPO_ROOT / ".github" / "workflows" / "e2e.yml"
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.github-workflows", str(workflow)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (job,) = yaml.safe_load(workflow.read_text())["jobs"].values()
+    assert job["runs-on"] == "ubuntu-latest"
+    (run,) = [step for step in job["steps"] if "make e2e" in step.get("run", "")]
+    assert run["env"]["E2E_REQUIRE_DOCKER"] == "1"
+    assert re.search(r"^e2e:", (REPO_ROOT / "Makefile").read_text(), re.MULTILINE)

@@ -1,0 +1,181 @@
+"""The stack's files agree with each other.
+
+- Every host:port a config names is a port that compose service provides (its `expose` list), so a
+  renamed service or moved port fails here instead of showing "No data" after `docker compose up`.
+- Each image version is stated once, in .env (two tied copies are checked by tests).
+- Each port is stated once per service: published on the same number it listens on, and the
+  services' settings are not restated as environment variables in docker-compose.yml.
+- Each service's files live in the folder named like the service.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from stackfiles import REPO_ROOT, bind_mounts, compose, dotenv, repo_text_files, service_ports
+
+pytestmark = pytest.mark.unit
+
+# host:port, where host is a name or an IPv4 address; not preceded by a word character (so that
+# "a.b:1" parts of versions or "x_y:1" are not read as addresses).
+ADDRESS = re.compile(r"(?<![\w.-])(?P<host>[a-z][a-z0-9-]*|\d{1,3}(?:\.\d{1,3}){3}):(?P<port>\d{2,5})(?![\w.])")
+# Addresses that mean "this container" in the file of the service that owns it.
+OWN_HOST = {"localhost", "127.0.0.1", "0.0.0.0"}
+
+# Copies of a version outside .env that a test keeps equal to it.
+TIED_VERSION_COPIES = {
+    # test_collector.py: the builder manifest's components are at the compose image's version.
+    "OTEL_COLLECTOR_VERSION": {"otel-collector/builder-config.yaml"},
+    # below: the tests drive load with the locust of the image.
+    "LOCUST_VERSION": {"requirements-dev.txt"},
+    # test_service_configs.py: the versions whose config reference its allow-lists follow.
+    "BEYLA_VERSION": {"tests/test_service_configs.py"},
+    "TEMPO_VERSION": {"tests/test_service_configs.py"},
+    "PYROSCOPE_VERSION": {"tests/test_service_configs.py"},
+}
+
+
+def unresolved_addresses(text: str, own_service: str, services: dict) -> list[str]:
+    """host:port references in `text` that no compose service provides."""
+    problems = []
+    for match in ADDRESS.finditer(text):
+        host, port = match["host"], int(match["port"])
+        if host in OWN_HOST:
+            target = own_service
+        elif host in services:
+            target = host
+        else:
+            problems.append(f"{host}:{port} (no compose service is called {host!r})")
+            continue
+        if port not in service_ports(services[target]):
+            problems.append(f"{host}:{port} ({target} provides {sorted(service_ports(services[target]))})")
+    return problems
+
+
+def config_files(services: dict) -> dict[Path, str]:
+    """Every file of every service's folder, plus top-level files the services mount, by owner."""
+    owners = {}
+    for name in services:
+        folder = REPO_ROOT / name
+        if folder.is_dir():
+            for path in folder.rglob("*"):
+                if path.is_file() and "__pycache__" not in path.parts:
+                    owners[path] = name
+        for source, _ in bind_mounts(services[name]):
+            path = (REPO_ROOT / source).resolve()
+            if path.is_file():
+                owners.setdefault(path, name)
+    return owners
+
+
+@pytest.fixture(scope="module")
+def services() -> dict:
+    return compose()["services"]
+
+
+def test_every_address_in_the_configs_is_provided_by_a_service(services):
+    problems = []
+    files = config_files(services)
+    for path, owner in files.items():
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        problems += [f"{path.relative_to(REPO_ROOT)}: {p}" for p in unresolved_addresses(text, owner, services)]
+    assert not problems, "\n".join(problems)
+    # The files that wire the stack together are among those scanned.
+    scanned = {path.relative_to(REPO_ROOT).as_posix() for path in files}
+    assert {
+        "app/app.env",
+        "prometheus/prometheus-config.yaml",
+        "otel-collector/otel-collector-config.yaml",
+        "grafana/provisioning/datasources/datasources.yaml",
+        "tempo/tempo-config.yaml",
+        "pyroscope/pyroscope-config.yaml",
+        "beyla/beyla-config.yaml",
+        "locustfile.py",
+    } <= scanned
+
+
+def test_every_address_in_docker_compose_is_provided_by_a_service(services):
+    problems = []
+    for name, service in services.items():
+        settings = {key: service.get(key) for key in ("command", "entrypoint", "healthcheck", "environment")}
+        problems += [f"{name}: {p}" for p in unresolved_addresses(json.dumps(settings), name, services)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_address_check_catches_wrong_hosts_and_ports(services):
+    assert unresolved_addresses("endpoint: tempo:4318", "otel-collector", services) == [
+        "tempo:4318 (tempo provides [3200, 4317])"
+    ]
+    assert unresolved_addresses("http://memcached:11211", "tempo", services)[0].startswith("memcached:11211")
+    assert unresolved_addresses("endpoint: 0.0.0.0:9999", "tempo", services)
+    assert not unresolved_addresses("http://app:5000 and localhost:9090", "prometheus", services)
+    # Versions, recording-rule names and profile types are not addresses.
+    assert not unresolved_addresses("grafana/tempo:9.9.9 dice:http_requests:rate1m process_cpu:cpu:ns", "x", services)
+
+
+def version_pattern(value: str) -> re.Pattern:
+    bare = re.escape(value.removeprefix("v"))
+    return re.compile(rf"(?<![\w.])v?{bare}(?![\w]|\.\d)")
+
+
+def test_every_image_version_is_stated_only_in_dotenv():
+    versions = {key: value for key, value in dotenv().items() if key.endswith("_VERSION")}
+    assert versions
+    found = []
+    for path, text in repo_text_files():
+        relative = path.relative_to(REPO_ROOT).as_posix()
+        if relative == ".env":
+            continue
+        for key, value in versions.items():
+            if relative in TIED_VERSION_COPIES.get(key, ()):
+                continue
+            if version_pattern(value).search(text):
+                found.append(f"{relative}: {key}={value}")
+    assert not found, "versions belong in .env only:\n" + "\n".join(found)
+
+
+def test_the_version_check_matches_whole_versions_only():
+    pattern = version_pattern("v9.87.6")
+    assert pattern.search("prom/prometheus:v9.87.6") and pattern.search("Prometheus 9.87.6 runs")
+    assert not pattern.search("v9.87.61") and not pattern.search("19.87.6") and not pattern.search("9.87.6.1")
+
+
+def test_tied_version_copies_equal_dotenv():
+    env = dotenv()
+    requirements = (REPO_ROOT / "requirements-dev.txt").read_text()
+    pinned = re.search(r"^locust==(\S+)$", requirements, re.MULTILINE)
+    assert pinned and pinned.group(1) == env["LOCUST_VERSION"], "locust in requirements-dev.txt != LOCUST_VERSION"
+
+
+def test_every_service_publishes_each_port_on_the_number_it_listens_on(services):
+    host_ports = []
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            _, host_port, container_port = port.split(":")
+            assert host_port == container_port, f"{name}: {port} states two numbers for one port"
+            assert int(container_port) in service_ports(service), f"{name}: publishes {port} but does not expose it"
+            host_ports.append(int(host_port))
+    assert len(host_ports) == len(set(host_ports)), "a host port is published twice"
+
+
+def test_settings_are_not_restated_as_environment_variables(services):
+    # The app's settings live in app/app.env; the other services read their config files. Only
+    # Grafana is configured by environment (GF_*), so only Grafana has an `environment` section.
+    for name, service in services.items():
+        if name != "grafana":
+            assert not service.get("environment"), f"{name}: settings belong in its config file or env_file"
+    assert all(key.startswith("GF_") for key in services["grafana"]["environment"])
+
+
+def test_each_service_mounts_files_from_its_own_folder(services):
+    top_level = {"locustfile.py"}
+    for name, service in services.items():
+        for source, _ in bind_mounts(service):
+            first = Path(source).parts[0] if Path(source).parts[0] != "." else Path(source).parts[1]
+            assert first == name or first in top_level, f"{name} mounts {source}, outside {name}/"

@@ -1,0 +1,295 @@
+"""Grafana provisioning: datasources and their links, the dashboards, and the admin-password entrypoint.
+
+Every PromQL query (dashboard targets and the trace-to-metrics links) is parsed by the real promtool,
+as a recording rule; the metric names they use must be ones the stack produces (the contract's names
+and the recording rules in prometheus/rules), because a wrong name shows as "No data", not an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from stackfiles import REPO_ROOT, bind_mounts, compose, dotenv, named_volumes
+
+pytestmark = pytest.mark.unit
+
+GRAFANA = REPO_ROOT / "grafana"
+DATASOURCES = GRAFANA / "provisioning" / "datasources" / "datasources.yaml"
+PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "dashboards.yaml"
+DASHBOARDS = sorted((GRAFANA / "dashboards").glob("*.json"))
+ENTRYPOINT = GRAFANA / "entrypoint.sh"
+
+EXPECTED_DATASOURCES = {
+    "prometheus": "prometheus",
+    "tempo": "tempo",
+    "pyroscope": "grafana-pyroscope-datasource",
+}
+CPU_PROFILE = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
+
+# Metric names the stack produces (the shared contract): OTel SDK and Beyla share the HTTP histogram;
+# the app's own prometheus-flask-exporter; the collector's span-metrics and service-graph connectors;
+# Beyla's application_process feature (Beyla's docs/sources/metrics.md); Prometheus's `up`.
+KNOWN_METRICS = {
+    *(f"http_server_request_duration_seconds_{s}" for s in ("bucket", "count", "sum")),
+    *(f"flask_http_request_duration_seconds_{s}" for s in ("bucket", "count", "sum")),
+    "flask_http_request_total",
+    "app_info",
+    "traces_span_metrics_calls_total",
+    *(f"traces_span_metrics_duration_seconds_{s}" for s in ("bucket", "count", "sum")),
+    "process_cpu_time_seconds_total",
+    "process_cpu_utilization_ratio",
+    "process_memory_usage_bytes",
+    "process_memory_virtual_bytes",
+    "process_disk_io_bytes_total",
+    "process_network_io_bytes_total",
+    "up",
+}
+KNOWN_METRIC_PREFIXES = ("traces_service_graph_",)
+SOURCES = {"manual", "otel", "ebpf"}
+
+
+def recording_rules() -> set[str]:
+    names = set()
+    for path in (REPO_ROOT / "prometheus" / "rules").glob("*.yaml"):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            names |= {rule["record"] for rule in group["rules"] if "record" in rule}
+    return names
+
+
+def selected_metrics(expr: str) -> set[str]:
+    """Metric names used with a {…} selector (every query here writes its selectors with braces)."""
+    return set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{", expr))
+
+
+def promtool_check(exprs: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
+    """Parse every expression with the real PromQL parser, as recording rules."""
+    exe = shutil.which("promtool")
+    if exe is None:
+        pytest.fail("promtool not found: install Debian's `prometheus` package (see README 'Test it')")
+    rules = {"groups": [{"name": "queries", "rules": [{"record": n, "expr": e} for n, e in exprs.items()]}]}
+    path = tmp_path / "queries.yaml"
+    path.write_text(yaml.safe_dump(rules))
+    return subprocess.run([exe, "check", "rules", str(path)], capture_output=True, text=True, timeout=60)
+
+
+def provisioned() -> dict:
+    return yaml.safe_load(DATASOURCES.read_text())
+
+
+def datasources() -> dict[str, dict]:
+    return {ds["uid"]: ds for ds in provisioned()["datasources"]}
+
+
+def panels(dashboard: dict):
+    for panel in dashboard.get("panels", []):
+        yield panel
+        yield from panel.get("panels", [])  # collapsed rows
+
+
+def prometheus_targets(dashboard: dict):
+    for panel in panels(dashboard):
+        for target in panel.get("targets", []):
+            uid = (target.get("datasource") or panel.get("datasource") or {}).get("uid")
+            if uid == "prometheus":
+                yield panel, target
+
+
+def trace_to_metrics_queries() -> list[str]:
+    queries = datasources()["tempo"]["jsonData"]["tracesToMetrics"]["queries"]
+    # What Grafana runs: `$$` unescaped by provisioning, $__tags replaced by the span's tag matchers.
+    return [q["query"].replace("$$", "$").replace("$__tags", 'service_name="dice-api"') for q in queries]
+
+
+# --- datasources -------------------------------------------------------------------------------------
+
+
+def test_datasources_have_fixed_uids_and_types():
+    assert {uid: ds["type"] for uid, ds in datasources().items()} == EXPECTED_DATASOURCES
+    assert sum(bool(ds.get("isDefault")) for ds in datasources().values()) == 1
+
+
+def test_prometheus_exemplars_link_to_tempo_by_trace_id():
+    (destination,) = datasources()["prometheus"]["jsonData"]["exemplarTraceIdDestinations"]
+    # The collector's exporters name the exemplar label trace_id (not traceID).
+    assert destination == {**destination, "name": "trace_id", "datasourceUid": "tempo"}
+
+
+def test_traces_link_to_profiles_by_service_name_and_cpu_profile():
+    link = datasources()["tempo"]["jsonData"]["tracesToProfiles"]
+    assert link["datasourceUid"] == "pyroscope"
+    assert link["profileTypeId"] == CPU_PROFILE
+    assert {"key": "service.name", "value": "service_name"} in link["tags"]
+
+
+def test_traces_link_to_metrics_and_service_map():
+    json_data = datasources()["tempo"]["jsonData"]
+    assert json_data["tracesToMetrics"]["datasourceUid"] == "prometheus"
+    assert {"key": "service.name", "value": "service_name"} in json_data["tracesToMetrics"]["tags"]
+    assert json_data["serviceMap"]["datasourceUid"] == "prometheus"
+    assert json_data["nodeGraph"]["enabled"] is True
+
+
+def test_every_datasource_link_points_to_a_provisioned_datasource():
+    def uids(node):
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "datasourceUid":
+                    yield value
+                else:
+                    yield from uids(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from uids(item)
+
+    linked = set(uids(provisioned()))
+    assert linked and linked <= set(datasources())
+
+
+def test_grafana_variables_are_escaped_from_provisioning_interpolation():
+    # Provisioning expands $VAR and ${VAR} in values; Grafana's own $__tags must be written $$__tags.
+    def strings(node):
+        if isinstance(node, dict):
+            for value in node.values():
+                yield from strings(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from strings(item)
+        elif isinstance(node, str):
+            yield node
+
+    values = list(strings(provisioned()))
+    assert any("$$__tags" in value for value in values)
+    for value in values:
+        assert "$" not in value.replace("$$", ""), f"unescaped $ in {value!r}"
+
+
+def test_trace_to_metrics_queries_parse_and_use_known_metrics(tmp_path):
+    queries = trace_to_metrics_queries()
+    result = promtool_check({f"link:q{i}": q for i, q in enumerate(queries)}, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for query in queries:
+        assert selected_metrics(query) <= KNOWN_METRICS, query
+
+
+# --- dashboards --------------------------------------------------------------------------------------
+
+
+def test_dashboards_exist_and_are_valid_json():
+    assert DASHBOARDS, "grafana/dashboards/ has no dashboard"
+    uids = [json.loads(path.read_text())["uid"] for path in DASHBOARDS]
+    assert len(set(uids)) == len(uids), "dashboard uids must be unique"
+    assert "stack-overview" in uids
+
+
+def test_dashboard_provider_reads_the_mounted_directory():
+    (provider,) = yaml.safe_load(PROVIDERS.read_text())["providers"]
+    mounts = dict(bind_mounts(compose()["services"]["grafana"]))
+    assert mounts["./grafana/dashboards"] == provider["options"]["path"]
+    home = compose()["services"]["grafana"]["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert Path(home).parent.as_posix() == provider["options"]["path"]
+    assert (GRAFANA / "dashboards" / Path(home).name).is_file()
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_dashboard_references_only_provisioned_datasources(path):
+    dashboard = json.loads(path.read_text())
+    known = datasources()
+    assert "${DS_" not in path.read_text(), "import placeholders do not resolve in provisioned dashboards"
+    ids = [panel["id"] for panel in panels(dashboard)]
+    assert len(set(ids)) == len(ids), "panel ids must be unique"
+    for panel in panels(dashboard):
+        refs = [panel.get("datasource")] + [t.get("datasource") for t in panel.get("targets", [])]
+        for ref in filter(None, refs):
+            assert ref["uid"] in known, f"panel {panel['title']!r}: unknown datasource uid {ref['uid']!r}"
+            assert ref["type"] == known[ref["uid"]]["type"], f"panel {panel['title']!r}: wrong type for {ref}"
+        if panel["type"] not in ("row", "text"):
+            assert panel.get("targets"), f"panel {panel['title']!r} has no query"
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_dashboard_promql_parses_and_uses_known_metrics(path, tmp_path):
+    dashboard = json.loads(path.read_text())
+    exprs = {}
+    allowed = KNOWN_METRICS | recording_rules()
+    for panel, target in prometheus_targets(dashboard):
+        expr = target.get("expr", "")
+        where = f"panel {panel['title']!r} query {target['refId']}"
+        assert expr.strip(), f"{where}: empty expr"
+        # Plain PromQL, so tests can run every query against a real Prometheus.
+        assert "$" not in expr, f"{where}: Grafana variables make the query untestable: {expr}"
+        metrics = selected_metrics(expr)
+        assert metrics, f'{where}: write selectors with braces, e.g. up{{job=~".+"}}: {expr}'
+        unknown = {m for m in metrics if m not in allowed and not m.startswith(KNOWN_METRIC_PREFIXES)}
+        assert not unknown, f"{where}: metrics nobody produces: {unknown}"
+        for source in re.findall(r'telemetry_source\s*=~?\s*"([^"]+)"', expr):
+            assert set(source.split("|")) <= SOURCES, f"{where}: telemetry_source {source!r}"
+        exprs[f"dashboard:panel{panel['id']}_{target['refId']}"] = expr
+    assert exprs, "no PromQL in the dashboard"
+    result = promtool_check(exprs, tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_promql_check_rejects_a_broken_query(tmp_path):
+    result = promtool_check({"dashboard:broken": "sum by (route (rate(up[1m]))"}, tmp_path)
+    assert result.returncode != 0
+
+
+def test_overview_compares_the_three_sources_and_shows_traces_and_profiles():
+    dashboard = json.loads((GRAFANA / "dashboards" / "stack-overview.json").read_text())
+    exprs = " ".join(target["expr"] for _, target in prometheus_targets(dashboard))
+    assert "telemetry_source" in exprs
+    kinds = {(panel.get("datasource") or {}).get("uid") for panel in panels(dashboard)}
+    assert {"prometheus", "tempo", "pyroscope"} <= kinds
+    (profile,) = [t for p in panels(dashboard) if p["type"] == "flamegraph" for t in p["targets"]]
+    assert profile["profileTypeId"] == CPU_PROFILE
+    service_name = dotenv(REPO_ROOT / "app" / "app.env")["OTEL_SERVICE_NAME"]
+    assert profile["labelSelector"] == f'{{service_name="{service_name}"}}'
+
+
+# --- the admin password entrypoint -------------------------------------------------------------------
+
+
+def run_entrypoint(data_dir: Path, password: str | None = None) -> tuple[str, str]:
+    """Run grafana/entrypoint.sh with a stand-in for /run.sh; returns (password Grafana gets, log)."""
+    data_dir.mkdir(exist_ok=True)
+    env = {"PATH": os.environ["PATH"], "GF_PATHS_DATA": str(data_dir)}
+    if password is not None:
+        env["GF_SECURITY_ADMIN_PASSWORD"] = password
+    seen = data_dir.parent / f"{data_dir.name}.seen"
+    stand_in = ["bash", "-c", 'printf %s "$GF_SECURITY_ADMIN_PASSWORD" >"$1"', "run.sh", str(seen)]
+    result = subprocess.run(["bash", str(ENTRYPOINT), *stand_in], env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return seen.read_text(), result.stdout + result.stderr
+
+
+def test_entrypoint_generates_a_password_once_and_reuses_it(tmp_path):
+    password, log = run_entrypoint(tmp_path / "data")
+    assert re.fullmatch(r"[A-Za-z0-9+/]{24}", password)
+    stored = tmp_path / "data" / "admin-password"
+    assert stored.read_text().strip() == password
+    assert stored.stat().st_mode & 0o077 == 0, "the password file must not be readable by others"
+    assert "read the admin password with" in log
+    assert password not in log, "the password itself must not be logged"
+    assert run_entrypoint(tmp_path / "data")[0] == password
+    assert run_entrypoint(tmp_path / "fresh")[0] != password
+
+
+def test_entrypoint_keeps_a_given_password(tmp_path):
+    assert run_entrypoint(tmp_path / "data", "chosen-by-the-user")[0] == "chosen-by-the-user"
+    assert not (tmp_path / "data" / "admin-password").exists()
+
+
+def test_entrypoint_is_mounted_where_compose_runs_it():
+    grafana = compose()["services"]["grafana"]
+    mounts = dict(bind_mounts(grafana))
+    assert grafana["entrypoint"][-1] == mounts["./grafana/entrypoint.sh"]
+    assert grafana["command"] == ["/run.sh"]
+    # The generated password lives in the data volume: it survives restarts and goes with `down -v`.
+    assert ("grafana-data", "/var/lib/grafana") in named_volumes(grafana)
