@@ -27,6 +27,12 @@ test: $(STAMP) collector ## run every test tier (the docker tier skips itself, s
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 
+native-up: $(STAMP) collector ## run collector, Prometheus and the app here, no Docker (Tempo/Pyroscope are sinks)
+	$(PY) -m zerocode.native up
+
+native-down: ## stop what native-up started
+	$(PY) -m zerocode.native down
+
 up: ## start the whole stack in Docker and wait until it is healthy
 	docker compose up -d --wait
 
@@ -39,4 +45,4 @@ e2e: $(STAMP) ## only the docker tier (needs a Docker engine)
 clean: ## remove the venv and cached builds
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: help venv collector test lint up down e2e clean
+.PHONY: help venv collector test lint native-up native-down up down e2e clean

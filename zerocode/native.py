@@ -151,3 +151,323 @@ def start_app(settings: AppSettings, log_dir: Path, timeout: float = 30.0) -> Ma
         managed.stop()
         raise RuntimeError(f"the app did not start; its log:\n{managed.log()[-4000:]}") from None
     return managed
+
+
+# ------------------------------------------------------------------------------------ the whole stack
+
+COLLECTOR_CONFIG = REPO_ROOT / "otel-collector" / "otel-collector-config.yaml"
+PROMETHEUS_CONFIG = REPO_ROOT / "prometheus" / "prometheus-config.yaml"
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+
+
+@dataclass
+class StackPorts:
+    """Every port the native stack listens on, all on 127.0.0.1. `fixed()` gives the compose ports."""
+
+    app: int
+    otlp_grpc: int
+    otlp_http: int
+    collector_health: int
+    collector_metrics: int
+    collector_telemetry: int
+    prometheus: int
+    tempo_sink: int
+    pyroscope_sink: int
+    beyla: int  # nothing listens: Beyla needs kprobes, so its scrape target stays down, as it would
+
+    @classmethod
+    def free(cls) -> StackPorts:
+        return cls(**{name: free_port() for name in cls.__dataclass_fields__})
+
+    @classmethod
+    def fixed(cls) -> StackPorts:
+        return cls(app=5000, otlp_grpc=4317, otlp_http=4318, collector_health=13133, collector_metrics=8889,
+                   collector_telemetry=8888, prometheus=9090, tempo_sink=14317, pyroscope_sink=4040, beyla=9400)
+
+    def target_map(self) -> dict[str, str]:
+        """compose host:port -> local address, for every target a config names."""
+        local = "127.0.0.1:{}".format
+        return {
+            "app:5000": local(self.app),
+            "beyla:9400": local(self.beyla),
+            "otel-collector:4317": local(self.otlp_grpc),
+            "otel-collector:8889": local(self.collector_metrics),
+            "otel-collector:8888": local(self.collector_telemetry),
+            "localhost:9090": local(self.prometheus),
+            "tempo:4317": local(self.tempo_sink),
+        }
+
+
+def collector_overlay(ports: StackPorts, base: Path = COLLECTOR_CONFIG) -> dict:
+    """A second --config for the real collector config that changes addresses and nothing else."""
+    import yaml
+
+    config = yaml.safe_load(base.read_text())
+    # Lists are replaced whole when configs merge, so the telemetry reader is copied and re-addressed.
+    readers = config["service"]["telemetry"]["metrics"]["readers"]
+    readers = [dict(r, pull={"exporter": {"prometheus": {
+        **r["pull"]["exporter"]["prometheus"], "host": "127.0.0.1", "port": ports.collector_telemetry}}})
+        for r in readers]
+    tempo_exporter = next(name for name in config["exporters"] if name.endswith("/tempo"))
+    return {
+        "extensions": {"health_check": {"endpoint": f"127.0.0.1:{ports.collector_health}"}},
+        "receivers": {"otlp": {"protocols": {"grpc": {"endpoint": f"127.0.0.1:{ports.otlp_grpc}"},
+                                             "http": {"endpoint": f"127.0.0.1:{ports.otlp_http}"}}}},
+        "exporters": {tempo_exporter: {"endpoint": f"127.0.0.1:{ports.tempo_sink}"},
+                      "prometheus": {"endpoint": f"127.0.0.1:{ports.collector_metrics}"}},
+        "service": {"telemetry": {"metrics": {"readers": readers}}},
+    }
+
+
+def render_prometheus_config(ports: StackPorts, base: Path = PROMETHEUS_CONFIG) -> str:
+    """prometheus-config.yaml with compose targets rewritten to local ports and rule paths made absolute."""
+    import yaml
+
+    config = yaml.safe_load(base.read_text())
+    targets = ports.target_map()
+    for job in config["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            unknown = [t for t in static["targets"] if t not in targets]
+            if unknown:
+                raise ValueError(f"{base.name}: job {job['job_name']} scrapes {unknown}, unknown to the native stack")
+            static["targets"] = [targets[t] for t in static["targets"]]
+    config["rule_files"] = [str(base.parent / pattern) for pattern in config.get("rule_files", [])]
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def prometheus_feature_flags(compose_file: Path = COMPOSE_FILE) -> list[str]:
+    """The --enable-feature flags compose gives Prometheus, so the native one runs the same way."""
+    import yaml
+
+    command = yaml.safe_load(compose_file.read_text())["services"]["prometheus"].get("command", [])
+    if isinstance(command, str):
+        command = command.split()
+    return [arg for arg in command if arg.startswith("--enable-feature")]
+
+
+class NativeStack:
+    """Collector, Prometheus and the app as local processes, with Tempo and Pyroscope as capture sinks.
+
+    The sinks run in this process (`tempo_sink`, `pyroscope_sink`) so callers can inspect what arrived.
+    """
+
+    def __init__(self, run_dir: Path, ports: StackPorts | None = None):
+        from zerocode.sinks import OtlpSink, PyroscopeSink
+
+        self.run_dir = run_dir
+        self.ports = ports or StackPorts.free()
+        self.tempo_sink = OtlpSink(port=self.ports.tempo_sink)
+        self.pyroscope_sink = PyroscopeSink(port=self.ports.pyroscope_sink)
+        self.app_settings = AppSettings(
+            port=self.ports.app, otlp_endpoint=f"http://127.0.0.1:{self.ports.otlp_grpc}",
+            pyroscope_address=self.pyroscope_sink.address)
+        self.collector: Managed | None = None
+        self.prometheus: Managed | None = None
+        self.app: Managed | None = None
+
+    @property
+    def prometheus_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.prometheus}"
+
+    @property
+    def app_url(self) -> str:
+        return self.app_settings.url
+
+    @property
+    def collector_metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.collector_metrics}/metrics"
+
+    def query(self, expr: str) -> list:
+        return prometheus_query(self.prometheus_url, expr)
+
+    def start_collector(self) -> Managed:
+        import yaml
+
+        from zerocode.collector import collector_binary
+
+        overlay = self.run_dir / "otel-collector-overlay.yaml"
+        overlay.write_text(yaml.safe_dump(collector_overlay(self.ports), sort_keys=False))
+        self.collector = spawn(
+            "otel-collector",
+            [str(collector_binary()), f"--config={COLLECTOR_CONFIG}", f"--config={overlay}"],
+            dict(os.environ), self.run_dir, self.run_dir)
+        self._wait("otel-collector", self.collector, f"http://127.0.0.1:{self.ports.collector_health}/")
+        return self.collector
+
+    def start_prometheus(self) -> Managed:
+        binary = os.environ.get("PROMETHEUS_BIN") or "prometheus"
+        config = self.run_dir / "prometheus-config.yaml"
+        config.write_text(render_prometheus_config(self.ports))
+        self.prometheus = spawn(
+            "prometheus",
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={self.run_dir / 'prometheus-data'}",
+             f"--web.listen-address=127.0.0.1:{self.ports.prometheus}", *prometheus_feature_flags()],
+            dict(os.environ), self.run_dir, self.run_dir)
+        self._wait("prometheus", self.prometheus, f"{self.prometheus_url}/-/ready")
+        return self.prometheus
+
+    def start_app(self) -> Managed:
+        self.app = start_app(self.app_settings, self.run_dir)
+        return self.app
+
+    def _wait(self, name: str, managed: Managed, url: str) -> None:
+        try:
+            wait_http(url, 30, managed.process)
+        except Exception as exc:
+            managed.stop()
+            raise RuntimeError(f"{name} did not become ready ({exc}); its log:\n{managed.log()[-4000:]}") from None
+
+    def up(self) -> NativeStack:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.tempo_sink.start()
+        self.pyroscope_sink.start()
+        try:
+            self.start_collector()
+            self.start_prometheus()
+            self.start_app()
+        except BaseException:
+            self.down()  # never leave a half-started stack behind
+            raise
+        return self
+
+    def down(self) -> None:
+        for managed in (self.app, self.collector, self.prometheus):
+            if managed is not None:
+                managed.stop()
+        self.tempo_sink.stop()
+        self.pyroscope_sink.stop()
+
+    def urls(self) -> dict[str, str]:
+        return {
+            "app": self.app_url,
+            "prometheus": self.prometheus_url,
+            "collector metrics": self.collector_metrics_url,
+            "collector health": f"http://127.0.0.1:{self.ports.collector_health}/",
+            "tempo sink (OTLP gRPC)": f"127.0.0.1:{self.ports.tempo_sink}",
+            "pyroscope sink": self.pyroscope_sink.address,
+        }
+
+
+def prometheus_query(base_url: str, expr: str, path: str = "query", **params) -> list:
+    """Run one PromQL query through the HTTP API; raises with Prometheus's own error text."""
+    import requests
+
+    response = requests.get(f"{base_url}/api/v1/{path}", params={"query": expr, **params}, timeout=10)
+    body = response.json()
+    if body.get("status") != "success":
+        raise ValueError(f"{expr!r}: {body.get('errorType')}: {body.get('error')}")
+    return body["data"]["result"] if path == "query" else body["data"]
+
+
+LOCUSTFILE = REPO_ROOT / "locustfile.py"
+GROUND_TRUTH_PLUGIN = Path(__file__).with_name("locust_ground_truth.py")
+
+
+def run_locust(host: str, seconds: int, users: int, run_dir: Path, name: str = "locust",
+               background: bool = False) -> subprocess.Popen | dict:
+    """locustfile.py headless against `host`, with the ground-truth plugin; returns what it sent.
+
+    With background=True the process is returned; call `locust_result(run_dir, name)` after it ends.
+    """
+    env = dict(os.environ, LOCUST_GROUND_TRUTH_FILE=str(run_dir / f"{name}.json"))
+    args = [str(VENV_BIN / "locust"), "-f", f"{LOCUSTFILE},{GROUND_TRUTH_PLUGIN}", "--headless",
+            "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--host", host, "--only-summary",
+            "--stop-timeout", "5", "--exit-code-on-error", "0"]
+    with open(run_dir / f"{name}.log", "wb") as log:
+        process = subprocess.Popen(args, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT)
+    if background:
+        return process
+    process.wait(seconds + 60)
+    return locust_result(run_dir, name)
+
+
+def locust_result(run_dir: Path, name: str = "locust") -> dict:
+    import json
+
+    path = run_dir / f"{name}.json"
+    if not path.exists():
+        log = (run_dir / f"{name}.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"locust wrote no ground truth ({path}); its log:\n{log}")
+    return json.loads(path.read_text())
+
+
+# ------------------------------------------------------------------- `make native-up` / `native-down`
+
+STATE_DIR = REPO_ROOT / ".native"
+PID_FILE = STATE_DIR / "native.pid"
+URLS_FILE = STATE_DIR / "urls.json"
+
+
+def _serve() -> int:
+    """Foreground: the stack on the compose ports until SIGTERM; reports what the sinks received."""
+    import json
+    import signal
+
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(True))
+    stack = NativeStack(STATE_DIR / "run", StackPorts.fixed())
+    try:
+        stack.up()
+        URLS_FILE.write_text(json.dumps(stack.urls(), indent=2))
+        while not stop:
+            time.sleep(10)
+            print(f"tempo sink: {len(stack.tempo_sink.spans())} spans; pyroscope sink: "
+                  f"{len(stack.pyroscope_sink.snapshot())} profiles", flush=True)
+    finally:
+        stack.down()
+    return 0
+
+
+def _up() -> int:
+    import json
+
+    if PID_FILE.exists():
+        print(f"the native stack already runs (pid {PID_FILE.read_text().strip()}); `make native-down` first")
+        return 1
+    STATE_DIR.mkdir(exist_ok=True)
+    URLS_FILE.unlink(missing_ok=True)
+    with open(STATE_DIR / "native.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "zerocode.native", "serve"], cwd=REPO_ROOT,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    PID_FILE.write_text(str(process.pid))
+    deadline = time.monotonic() + 120
+    while not URLS_FILE.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            PID_FILE.unlink(missing_ok=True)
+            process.kill()
+            print((STATE_DIR / "native.log").read_text()[-4000:])
+            print("the native stack did not start; log above (.native/native.log)")
+            return 1
+        time.sleep(0.5)
+    for name, url in json.loads(URLS_FILE.read_text()).items():
+        print(f"  {name:24} {url}")
+    print("load:  .venv/bin/locust -f locustfile.py --host http://127.0.0.1:5000\n"
+          "logs:  .native/native.log and .native/run/*.log\nstop:  make native-down")
+    return 0
+
+
+def _down() -> int:
+    import signal
+
+    if not PID_FILE.exists():
+        print("the native stack is not running")
+        return 0
+    pid = int(PID_FILE.read_text())
+    try:
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(300):
+            os.kill(pid, 0)
+            time.sleep(0.1)
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    PID_FILE.unlink(missing_ok=True)
+    print("the native stack is stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    commands = {"up": _up, "down": _down, "serve": _serve}
+    if len(sys.argv) != 2 or sys.argv[1] not in commands:
+        sys.exit(f"usage: python -m zerocode.native {{{'|'.join(commands)}}}")
+    sys.exit(commands[sys.argv[1]]())

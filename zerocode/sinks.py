@@ -305,8 +305,9 @@ class PyroscopeSink:
         return self
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        if self._server.socket.fileno() != -1:
+            self._server.shutdown()
+            self._server.server_close()
 
     def snapshot(self) -> list[ProfileUpload]:
         with self._lock:
