@@ -21,13 +21,16 @@ venv: $(STAMP) ## create .venv with the pinned dependencies
 collector: $(STAMP) ## build (once, cached in .cache/) the OTel Collector from otel-collector/builder-config.yaml
 	$(PY) -m zerocode.collector
 
-test: $(STAMP) collector ## run every test tier (the docker tier skips itself, saying why, without Docker)
+prometheus: $(STAMP) ## build Prometheus and promtool (compose version) from the Go module, cached in .cache/
+	$(PY) -m zerocode.prometheus_build
+
+test: $(STAMP) collector prometheus ## run every test tier (the docker tier skips itself, saying why, without Docker)
 	$(PY) -m pytest
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 
-native-up: $(STAMP) collector ## run collector, Prometheus and the app here, no Docker (Tempo/Pyroscope are sinks)
+native-up: $(STAMP) collector prometheus ## run collector, Prometheus and the app here, no Docker (Tempo/Pyroscope are sinks)
 	$(PY) -m zerocode.native up
 
 native-down: ## stop what native-up started
@@ -45,4 +48,4 @@ e2e: $(STAMP) ## only the docker tier (needs a Docker engine)
 clean: ## remove the venv and cached builds
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: help venv collector test lint native-up native-down up down e2e clean
+.PHONY: help venv collector prometheus test lint native-up native-down up down e2e clean

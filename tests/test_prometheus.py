@@ -1,5 +1,9 @@
-"""Prometheus config and recording rules, checked by the real promtool (Debian's 2.42; the compose
-image is 3.x, so the files use only what both accept)."""
+"""Prometheus config and recording rules, checked by the real promtool of the compose image's version.
+
+promtool and prometheus are built from Prometheus's Go module at PROMETHEUS_VERSION from .env
+(zerocode.prometheus_build), so what passes here is what the `prom/prometheus` image accepts.
+Debian's promtool 2.42, if installed, is checked once as well, for users who run that one.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
+
+from zerocode import prometheus_build
+from zerocode.prometheus_build import module_version, prometheus_binaries, prometheus_version
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = REPO_ROOT / "prometheus"
@@ -19,32 +27,46 @@ RULES_TEST = REPO_ROOT / "tests" / "data" / "prometheus-rules.test.yaml"
 # Which scrape job is which source; the label is what dashboards and rules select on.
 SOURCES = {"app": "manual", "beyla": "ebpf", "otel-collector": "otel"}
 
-pytestmark = pytest.mark.unit
+
+@pytest.fixture(scope="session")
+def binaries() -> tuple[Path, Path]:
+    # Builds on first use (minutes when Go's caches are cold), then reuses .cache/prometheus/.
+    return prometheus_binaries()
 
 
-def promtool(*args: str) -> subprocess.CompletedProcess:
-    exe = shutil.which("promtool")
-    if exe is None:
-        pytest.fail("promtool not found: install Debian's `prometheus` package (see README 'Test it')")
-    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
+@pytest.fixture(scope="session")
+def promtool(binaries):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([str(binaries[1]), *args], capture_output=True, text=True, timeout=60)
+
+    return run
 
 
 def jobs() -> dict[str, dict]:
     return {job["job_name"]: job for job in yaml.safe_load(CONFIG.read_text())["scrape_configs"]}
 
 
-def test_rule_files_exist():
-    assert RULES, "prometheus/rules/ holds no *.yaml rule file"
+# ------------------------------------------------------------------------------ with the real promtool
 
 
-def test_check_config_accepts_the_config():
+@pytest.mark.integration
+def test_binaries_are_the_compose_version(binaries):
+    version = prometheus_version().removeprefix("v")
+    for binary in binaries:
+        shown = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+        assert f"{binary.name}, version {version} " in shown.stdout + shown.stderr
+
+
+@pytest.mark.integration
+def test_check_config_accepts_the_config(promtool):
     result = promtool("check", "config", str(CONFIG))
     assert result.returncode == 0, result.stdout + result.stderr
     # check config also checks the rule files the config loads; make sure it found ours.
     assert f"SUCCESS: {len(RULES)} rule files found" in result.stdout
 
 
-def test_check_config_rejects_a_broken_config(tmp_path):
+@pytest.mark.integration
+def test_check_config_rejects_a_broken_config(promtool, tmp_path):
     broken = tmp_path / "prometheus.yaml"
     broken.write_text(CONFIG.read_text().replace("scrape_interval:", "scrape_intervall:", 1))
     result = promtool("check", "config", str(broken))
@@ -52,24 +74,29 @@ def test_check_config_rejects_a_broken_config(tmp_path):
     assert "scrape_intervall" in result.stdout + result.stderr
 
 
-def test_check_rules_accepts_the_rules():
+@pytest.mark.integration
+def test_check_rules_accepts_the_rules(promtool):
     result = promtool("check", "rules", *map(str, RULES))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_check_rules_rejects_a_broken_rule(tmp_path):
+@pytest.mark.integration
+def test_check_rules_rejects_a_broken_rule(promtool, tmp_path):
     broken = tmp_path / "broken.yaml"
     broken.write_text(RULES[0].read_text().replace("sum by (", "sum by ((", 1))
     result = promtool("check", "rules", str(broken))
     assert result.returncode != 0
+    assert "parse error" in result.stdout + result.stderr
 
 
-def test_recording_rules_give_the_expected_values():
+@pytest.mark.integration
+def test_recording_rules_give_the_expected_values(promtool):
     result = promtool("test", "rules", str(RULES_TEST))
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_rule_test_catches_a_wrong_rule(tmp_path):
+@pytest.mark.integration
+def test_rule_test_catches_a_wrong_rule(promtool, tmp_path):
     """Negative control: the same test against rules that forget one source's label must fail."""
     rules = (PROM_DIR / "rules" / "dice-red.yaml").read_text()
     mutated = rules.replace('{telemetry_source=~"otel|ebpf"}', '{telemetry_source="otel"}')
@@ -84,6 +111,115 @@ def test_rule_test_catches_a_wrong_rule(tmp_path):
     assert "FAILED:" in result.stderr and "round(dice:http_requests:rate1m" in result.stderr
 
 
+@pytest.mark.integration
+def test_the_server_runs_the_config_and_answers_the_api(binaries, tmp_path):
+    """The build has no web UI (no `builtinassets`); readiness and the API must work without it."""
+    from zerocode.native import StackPorts, prometheus_feature_flags, render_prometheus_config, wait_http
+
+    ports = StackPorts.free()
+    config = tmp_path / "prometheus.yaml"
+    config.write_text(render_prometheus_config(ports))
+    url = f"http://127.0.0.1:{ports.prometheus}"
+    flags = prometheus_feature_flags() if (REPO_ROOT / "docker-compose.yml").exists() else []
+    with (tmp_path / "prometheus.log").open("w") as log:
+        proc = subprocess.Popen([str(binaries[0]), f"--config.file={config}", f"--storage.tsdb.path={tmp_path}/data",
+                                 f"--web.listen-address=127.0.0.1:{ports.prometheus}", *flags],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"{url}/-/ready", 30, proc)
+        info = requests.get(f"{url}/api/v1/status/buildinfo", timeout=5).json()["data"]
+        assert info["version"] == prometheus_version().removeprefix("v")
+        loaded = requests.get(f"{url}/api/v1/rules", timeout=5).json()["data"]["groups"]
+        assert {rule["name"] for group in loaded for rule in group["rules"]} >= {"dice:http_requests:rate1m"}
+        flags_seen = requests.get(f"{url}/api/v1/status/flags", timeout=5).json()["data"]
+        assert all(f.split("=", 1)[1] in flags_seen["enable-feature"] for f in flags)
+        assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-2000:]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=15)
+
+
+@pytest.mark.integration
+def test_debian_promtool_2_accepts_config_and_rules_too():
+    """The files also promise to suit Debian's 2.42 (`PROMETHEUS_BIN=/usr/bin/prometheus` runs it in the
+    native stack), so its promtool checks them too where it is installed."""
+    exe = shutil.which("promtool", path="/usr/bin")
+    if exe is None:
+        pytest.skip("Debian's promtool is not installed (/usr/bin/promtool; `apt-get install prometheus`)")
+    for args in (("check", "config", str(CONFIG)), ("check", "rules", *map(str, RULES)),
+                 ("test", "rules", str(RULES_TEST))):
+        result = subprocess.run([exe, *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"promtool {args[0]} {args[1]}: {result.stdout}{result.stderr}"
+
+
+# ------------------------------------------------------------------------------------- the build recipe
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("release, module", [("v3.12.2", "v0.312.2"), ("3.5.1", "v0.305.1"),
+                                             ("v3.0.0-rc.1", "v0.300.0-rc.1")])
+def test_release_maps_to_the_go_module_version(release, module):
+    assert module_version(release) == module
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("release", ["v2.53.0", "latest", "3.12"])
+def test_unbuildable_versions_are_refused_clearly(release):
+    with pytest.raises(prometheus_build.PrometheusBuildError, match="PROMETHEUS_VERSION"):
+        module_version(release)
+
+
+@pytest.mark.unit
+def test_cache_path_changes_with_the_version():
+    assert prometheus_build.binary_paths("v3.12.0") != prometheus_build.binary_paths("v3.12.1")
+    assert prometheus_build.binary_paths("v3.12.0")[0].parent.name.startswith("3.12.0-")
+
+
+@pytest.mark.unit
+def test_wrapper_module_copies_the_main_module_only_directives(tmp_path):
+    upstream = {"Go": "1.25.8", "Exclude": [{"Path": "a.example/x", "Version": "v1.0.0"}],
+                "Replace": [{"Old": {"Path": "b.example/y"}, "New": {"Path": "b.example/y", "Version": "v0.2.0"}},
+                            {"Old": {"Path": "c.example/z", "Version": "v1.1.0"}, "New": {"Path": "./internal/z"}}],
+                "Godebug": [{"Key": "x509sha1", "Value": "1"}]}
+    assert prometheus_build.wrapper_edits(upstream, tmp_path) == [
+        "-go=1.25.8", "-exclude=a.example/x@v1.0.0", "-replace=b.example/y=b.example/y@v0.2.0",
+        f"-replace=c.example/z@v1.1.0={tmp_path / 'internal' / 'z'}", "-godebug=x509sha1=1"]
+
+
+@pytest.mark.unit
+def test_dependency_drift_is_reported():
+    upstream = {"Require": [{"Path": "a", "Version": "v1"}, {"Path": "b", "Version": "v2"}]}
+    assert prometheus_build.unpinned_dependencies(upstream, {"Require": upstream["Require"]}) == []
+    assert prometheus_build.unpinned_dependencies(upstream, {"Require": [{"Path": "b", "Version": "v3"}]}) == [
+        "b v2 -> v3"]
+
+
+@pytest.mark.integration
+def test_a_failed_build_names_the_version_and_keeps_its_log(monkeypatch, tmp_path):
+    """A release with no module version (3.99.0) must fail at the download, saying which one, with a log."""
+    monkeypatch.setattr(prometheus_build, "CACHE_DIR", tmp_path)
+    with pytest.raises(prometheus_build.PrometheusBuildError, match=r"v3\.99\.0.*v0\.399\.0") as failure:
+        prometheus_build.build("v3.99.0")
+    assert list(tmp_path.glob("build-3.99.0-*/build.log")), str(failure.value)
+    assert not list(tmp_path.glob("3.99.0-*")), "a failed build must publish nothing"
+
+
+@pytest.mark.unit
+def test_build_names_go_and_the_version_when_go_is_missing(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(prometheus_build.PrometheusBuildError, match=r"Go is not on PATH.*Prometheus v3\.\d+"):
+        prometheus_build._go("v3.12.0")
+
+
+# ------------------------------------------------------------------------------------ the config itself
+
+
+@pytest.mark.unit
+def test_rule_files_exist():
+    assert RULES, "prometheus/rules/ holds no *.yaml rule file"
+
+
+@pytest.mark.unit
 def test_each_source_is_labelled_by_relabelling():
     found = jobs()
     for job, source in SOURCES.items():
@@ -96,6 +232,7 @@ def test_each_source_is_labelled_by_relabelling():
         assert rule["replacement"] == source
 
 
+@pytest.mark.unit
 def test_only_the_three_sources_carry_telemetry_source():
     others = {name: job for name, job in jobs().items() if name not in SOURCES}
     assert others, "expected the prometheus and collector-internal jobs"
@@ -103,6 +240,7 @@ def test_only_the_three_sources_carry_telemetry_source():
         assert "telemetry_source" not in yaml.safe_dump(job), name
 
 
+@pytest.mark.unit
 def test_collector_job_keeps_the_exporters_job_and_instance():
     # job/instance come from service.name/service.instance.id; without honor_labels Prometheus would
     # rename them to exported_job/exported_instance and dashboards would lose the service.

@@ -14,12 +14,12 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import yaml
+
+from zerocode.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = REPO_ROOT / "otel-collector" / "builder-config.yaml"
@@ -50,26 +50,15 @@ def binary_path(manifest: Path = MANIFEST) -> Path:
 
 
 def _go() -> str:
-    go = shutil.which("go")
-    if go is None:
-        raise CollectorBuildError(
-            f"Go is not on PATH; it is needed to build the collector from {MANIFEST.relative_to(REPO_ROOT)} "
-            "with the OpenTelemetry Collector Builder (install Go, see README 'Test it')."
-        )
-    return go
+    return go_executable(
+        CollectorBuildError,
+        f"to build the collector from {MANIFEST.relative_to(REPO_ROOT)} with the OpenTelemetry Collector Builder",
+    )
 
 
 def _run(cmd: list[str], log: Path, **kwargs) -> None:
-    with log.open("ab") as out:
-        out.write(("$ " + " ".join(cmd) + "\n").encode())
-        out.flush()
-        result = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, **kwargs)
-    if result.returncode != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-25:])
-        raise CollectorBuildError(
-            f"building the collector from {MANIFEST.relative_to(REPO_ROOT)} failed at `{' '.join(cmd)}` "
-            f"(exit {result.returncode}); full log: {log}\n{tail}"
-        )
+    run_logged(cmd, log, CollectorBuildError, f"building the collector from {MANIFEST.relative_to(REPO_ROOT)}",
+               **kwargs)
 
 
 def _builder(version: str, env: dict[str, str], log: Path) -> Path:
@@ -86,11 +75,9 @@ def build(manifest: Path = MANIFEST) -> Path:
     spec = load_manifest(manifest)
     version, name = spec["dist"]["version"], spec["dist"]["name"]
     target = binary_path(manifest)
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix=f"build-{cache_key(manifest)}-", dir=CACHE_DIR))
+    workdir = work_dir(CACHE_DIR, cache_key(manifest))
     log = workdir / "build.log"
-    # Static binary, like the official releases; no C toolchain needed.
-    env = {**os.environ, "CGO_ENABLED": "0"}
+    env = {**os.environ, **BUILD_ENV}
     builder = _builder(version, env, log)
 
     # A copy of the manifest that writes into the private work directory, so that a failed or
@@ -103,8 +90,7 @@ def build(manifest: Path = MANIFEST) -> Path:
     built = workdir / "build" / name
     if not built.exists():
         raise CollectorBuildError(f"the builder reported success but {built} is missing; log: {log}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(built, target)
+    publish(built, target)
     shutil.rmtree(workdir, ignore_errors=True)
     return target
 

@@ -295,7 +295,10 @@ class NativeStack:
         return self.collector
 
     def start_prometheus(self) -> Managed:
-        binary = os.environ.get("PROMETHEUS_BIN") or "prometheus"
+        from zerocode.prometheus_build import prometheus_binaries
+
+        # The compose image's version, built from its Go module; PROMETHEUS_BIN runs another one instead.
+        binary = os.environ.get("PROMETHEUS_BIN") or str(prometheus_binaries()[0])
         config = self.run_dir / "prometheus-config.yaml"
         config.write_text(render_prometheus_config(self.ports))
         self.prometheus = spawn(
