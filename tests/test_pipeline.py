@@ -1,8 +1,8 @@
 """The real pipeline without Docker: app -> collector -> Prometheus, with locust as ground truth.
 
-The collector (built from otel-collector/builder-config.yaml), Prometheus (the compose version, built from its Go module), the app under
-`opentelemetry-instrument gunicorn` and locust run as local processes from the same config files compose
-uses. Only addresses change, and Tempo and Pyroscope are capture sinks (zerocode.sinks).
+The collector (built from otel-collector/builder-config.yaml), Prometheus (the compose version, built from
+its Go module), the app under `opentelemetry-instrument gunicorn` and locust run as local processes from the
+same config files compose uses. Only addresses change, and Tempo and Pyroscope are capture sinks (zerocode.sinks).
 """
 
 from __future__ import annotations
