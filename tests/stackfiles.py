@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from zerocode.envfile import load_env_file
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOTENV_FILE = REPO_ROOT / ".env"
@@ -30,17 +32,7 @@ _SKIP_DIRS = {".git", ".venv", ".cache", ".native", "build", "__pycache__", ".py
 
 
 def dotenv(path: Path = DOTENV_FILE) -> dict[str, str]:
-    """KEY=VALUE lines of a Compose .env file (comments and blank lines skipped, no quoting used)."""
-    values = {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-            raise ValueError(f"{path.name}:{number}: not a KEY=VALUE line: {line!r}")
-        values[key] = value
-    return values
+    return load_env_file(path)
 
 
 def variables(text: str) -> set[str]:

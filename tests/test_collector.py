@@ -14,6 +14,7 @@ import requests
 import yaml
 
 from zerocode.collector import CONFIG, REPO_ROOT, collector_binary, load_manifest
+from zerocode.envfile import load_env_file
 
 ENV_FILE = REPO_ROOT / ".env"
 KINDS = ("receivers", "processors", "exporters", "connectors", "extensions")
@@ -45,16 +46,6 @@ MODULE_TYPES = {
 }
 
 
-def read_env(path: Path = ENV_FILE) -> dict[str, str]:
-    values = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            values[key.strip()] = value.strip().strip("\"'")
-    return values
-
-
 def manifest_modules(manifest: dict) -> list[tuple[str, str, str]]:
     """(kind, module path, version) for every gomod entry of a builder manifest."""
     entries = []
@@ -83,7 +74,7 @@ def manifest() -> dict:
 @pytest.mark.unit
 def test_manifest_version_matches_compose_image(manifest):
     assert ENV_FILE.exists(), f"{ENV_FILE} is missing: it pins OTEL_COLLECTOR_VERSION for the compose image"
-    assert read_env().get("OTEL_COLLECTOR_VERSION") == manifest["dist"]["version"]
+    assert load_env_file(ENV_FILE).get("OTEL_COLLECTOR_VERSION") == manifest["dist"]["version"]
 
 
 @pytest.mark.unit

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zerocode.native import REPO_ROOT, NativeStack
+from zerocode.native import REPO_ROOT, NativeStack, poll
 
 pytestmark = pytest.mark.integration
 
@@ -34,15 +34,6 @@ NEEDS_BEYLA: dict[str, str] = {
     'sum by (telemetry_source) (process_memory_usage_bytes{telemetry_source="ebpf"})':
         "Beyla's process memory (metrics feature application_process)",
 }
-
-
-def poll(check, timeout: float, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 def sent_by_route_status(truth: dict) -> Counter:

@@ -4,7 +4,6 @@ workers) sending OTLP and Pyroscope pushes to capture sinks that decode them wit
 from __future__ import annotations
 
 import logging
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,7 +13,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from zerocode import profiling
-from zerocode.native import AppSettings, start_app
+from zerocode.native import AppSettings, poll, start_app
 from zerocode.sinks import OtlpSink, PyroscopeSink
 
 SERVER = 2  # opentelemetry.proto.trace.v1.Span.SPAN_KIND_SERVER
@@ -76,16 +75,6 @@ def test_unreachable_server_is_a_warning_naming_the_setting(caplog):
 SENT_MIX = {"/": 150, "/health": 30, "/fail": 20, "/no-such-page": 10}
 EXPECTED_STATUS = {"/": 200, "/health": 200, "/fail": 500, "/no-such-page": 404}
 ROUTE = {"/": "/", "/health": "/health", "/fail": "/fail", "/no-such-page": None}
-
-
-def poll(check, timeout: float, interval: float = 0.5):
-    """Re-run `check` until it returns a truthy value or the time is up; returns the last value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(interval)
 
 
 @pytest.fixture(scope="module")

@@ -17,24 +17,11 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from zerocode.envfile import APP_ENV, load_env_file
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_DIR = REPO_ROOT / "app"
-APP_ENV_FILE = APP_DIR / "app.env"
 VENV_BIN = Path(sys.executable).parent
-
-
-def load_env_file(path: Path = APP_ENV_FILE) -> dict[str, str]:
-    """KEY=VALUE lines as docker compose's env_file reads them (no quotes or interpolation are used)."""
-    values = {}
-    for number, raw in enumerate(path.read_text().splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
-        values[key.strip()] = value
-    return values
 
 
 def free_port() -> int:
@@ -57,6 +44,16 @@ def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None 
             last_error = exc
         time.sleep(0.2)
     raise TimeoutError(f"{url} did not answer within {timeout}s: {last_error}")
+
+
+def poll(check, timeout: float, interval: float = 0.5):
+    """Re-run `check` until it returns something truthy or the time is up; returns its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)
 
 
 def wait_tcp(host: str, port: int, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
@@ -119,7 +116,7 @@ class AppSettings:
 
 def app_environment(settings: AppSettings, multiproc_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PYROSCOPE_", "GUNICORN_"))}
-    env.update(load_env_file())
+    env.update(load_env_file(APP_ENV))
     env.update(
         BIND_HOST="127.0.0.1",
         PORT=str(settings.port),

@@ -26,6 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from zerocode.envfile import load_env_file
 from zerocode.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -52,11 +53,10 @@ class PrometheusBuildError(RuntimeError):
 
 def prometheus_version(env_file: Path = ENV_FILE) -> str:
     """PROMETHEUS_VERSION from .env, the compose image tag, like `v3.9.1`."""
-    for line in env_file.read_text().splitlines():
-        key, sep, value = line.strip().partition("=")
-        if sep and key.strip() == "PROMETHEUS_VERSION":
-            return value.strip().strip("\"'")
-    raise PrometheusBuildError(f"{env_file} sets no PROMETHEUS_VERSION")
+    version = load_env_file(env_file).get("PROMETHEUS_VERSION")
+    if not version:
+        raise PrometheusBuildError(f"{env_file} sets no PROMETHEUS_VERSION")
+    return version
 
 
 def module_version(version: str) -> str:
