@@ -1,19 +1,24 @@
 """Reading the stack's files the way their tools do: .env and docker-compose.yml as Compose reads them.
 
-Shared by the static tests of the compose stack (test_compose, test_grafana, test_service_configs,
-test_consistency) and the docker tier.
+Shared by the static tests of the compose stack (test_compose, test_compose_loader, test_grafana,
+test_service_configs, test_consistency) and the docker tier.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
 from zerocode.envfile import load_env_file
+from zerocode.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -26,6 +31,10 @@ SERVICES = {"app", "beyla", "otel-collector", "prometheus", "tempo", "pyroscope"
 _VAR = re.compile(
     r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?+])?(?P<arg>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
 )
+
+# Our small Go program around Compose's own loader (compose-go), and where its builds are cached.
+COMPOSE_CONFIG_SRC = REPO_ROOT / "tests" / "compose_config"
+COMPOSE_CONFIG_CACHE = REPO_ROOT / ".cache" / "compose-config"
 
 # Directories that are not the project's own files.
 _SKIP_DIRS = {".git", ".venv", ".cache", ".native", "build", "__pycache__", ".pytest_cache", ".ruff_cache"}
@@ -121,3 +130,65 @@ def repo_text_files() -> Iterator[tuple[Path, str]]:
                 yield path, path.read_text(encoding="utf-8")
             except (UnicodeDecodeError, OSError):
                 continue
+
+
+class ComposeConfigError(RuntimeError):
+    """Compose's loader could not be built, or it rejected the project."""
+
+
+# A failed build is not retried by every test that needs the binary (each retry may wait on the network).
+_failed_builds: dict[str, ComposeConfigError] = {}
+
+
+def compose_config_binary() -> Path:
+    """tests/compose_config built once per content of its go.mod, go.sum and main.go (cached in .cache/)."""
+    digest = hashlib.sha256()
+    for name in ("go.mod", "go.sum", "main.go"):
+        digest.update(name.encode() + b"\0" + (COMPOSE_CONFIG_SRC / name).read_bytes() + b"\0")
+    key = digest.hexdigest()[:12]
+    target = COMPOSE_CONFIG_CACHE / key / "compose-config"
+    if target.exists():
+        return target
+    if key in _failed_builds:
+        raise _failed_builds[key]
+    try:
+        go = go_executable(ComposeConfigError, "to build tests/compose_config (Docker Compose's loader)")
+        workdir = work_dir(COMPOSE_CONFIG_CACHE, key)
+        built = workdir / "compose-config"
+        # -mod=readonly: the committed go.mod/go.sum are the whole truth, a build never edits them.
+        cmd = [go, "build", "-mod=readonly", "-trimpath", "-buildvcs=false", "-o", str(built), "."]
+        run_logged(cmd, workdir / "build.log", ComposeConfigError, "building tests/compose_config",
+                   cwd=COMPOSE_CONFIG_SRC, env={**os.environ, **BUILD_ENV})
+    except ComposeConfigError as exc:
+        _failed_builds[key] = exc
+        raise
+    publish(built, target)
+    shutil.rmtree(workdir, ignore_errors=True)
+    return target
+
+
+def _run_compose_config(project_dir: Path, env: dict[str, str] | None, *flags: str) -> dict:
+    # Only `env` stands for the shell environment (see main.go): the result is the same on every machine.
+    cmd = [str(compose_config_binary()), *flags]
+    for key, value in (env or {}).items():
+        cmd += ["-env", f"{key}={value}"]
+    result = subprocess.run([*cmd, str(project_dir)], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0:
+        raise ComposeConfigError(f"Compose's loader rejected {project_dir} (exit {result.returncode}):\n"
+                                 f"{result.stderr.strip()}")
+    if result.stderr.strip():
+        # A clean `docker compose config` prints nothing but the project; a warning (an unset variable
+        # defaulting to blank, an obsolete key) is a mistake users would see.
+        raise ComposeConfigError(f"Compose's loader warned about {project_dir}:\n{result.stderr.strip()}")
+    return json.loads(result.stdout)
+
+
+def compose_config(project_dir: Path = REPO_ROOT, env: dict[str, str] | None = None) -> dict:
+    """The project as `docker compose config --format json` resolves it: interpolated with `env` over
+    the project's .env, env_file read into `environment`, paths absolute, sizes in bytes."""
+    return _run_compose_config(project_dir, env)
+
+
+def compose_environment(project_dir: Path = REPO_ROOT, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables Compose interpolates the project with (`docker compose config --environment`)."""
+    return _run_compose_config(project_dir, env, "-environment")

@@ -145,6 +145,7 @@ def test_load_got_the_expected_answers_and_nothing_else_went_wrong(served):
 def test_one_server_span_per_request_with_route_and_status(served):
     spans = [s for s in served["otlp"].spans() if s.span.kind == SERVER]
     seen = Counter((s.attributes.get("http.route"), s.attributes.get("http.response.status_code")) for s in spans)
+    print(f"\nSERVER spans {len(spans)}: {dict(seen)}")
     assert seen == Counter(served["expected"])
     assert {s.resource["service.name"] for s in spans} == {"dice-api"}
     # Scrapes of /metrics are excluded from tracing (OTEL_PYTHON_FLASK_EXCLUDED_URLS).
@@ -170,6 +171,7 @@ def test_fail_spans_are_errors_with_an_exception_event(served):
 def test_request_duration_histogram_counts_equal_requests_sent(served):
     counts = served["otlp"].latest_cumulative_counts(
         "http.server.request.duration", ("http.route", "http.response.status_code"))
+    print(f"\nhttp.server.request.duration counts summed over workers: {counts}")
     assert counts == served["expected"]
     instances = {p.resource["service.instance.id"]
                  for p in served["otlp"].histogram_points("http.server.request.duration")}
@@ -184,6 +186,7 @@ def test_manual_metrics_count_every_request_across_workers(served):
             if sample.name == "flask_http_request_duration_seconds_count":
                 by_path[(sample.labels["path"], int(sample.labels["status"]))] += int(sample.value)
     expected = {(p, EXPECTED_STATUS[p]): n for p, n in served["sent"].items()}
+    print(f"\nmanual /metrics counts: {dict(by_path)}")
     assert by_path == Counter(expected)
 
 
@@ -194,6 +197,8 @@ def test_every_worker_uploads_profiles_with_the_view_function(served):
     assert {u.labels["service_name"] for u in uploads} == {"dice-api"}
     assert {u.labels["__name__"] for u in uploads} == {"process_cpu"}
     assert {u.sample_type for u in uploads} == {("cpu", "nanoseconds")}
+    per_worker = {w: sum(str(w) in u.sample_labels("pid") for u in uploads) for w in served["workers"]}
+    print(f"\nprofile uploads {len(uploads)}; uploads with samples per worker pid {per_worker}")
     for worker in served["workers"]:
         assert VIEW_FUNCTION in served["stacks"].get(worker, set()), f"worker {worker} has no {VIEW_FUNCTION}"
 
@@ -204,5 +209,6 @@ def test_profile_span_ids_match_exported_root_spans(served):
     assert roots and all(s.attributes.get("pyroscope.profile.id") == s.span_id for s in roots)
     profile_ids = {s.attributes["pyroscope.profile.id"] for s in roots}
     labelled = set().union(*(u.sample_labels("span_id") for u in served["pyro"].snapshot()))
+    print(f"\nroot spans {len(roots)}; span ids in profiles {len(labelled)}, matched {len(labelled & profile_ids)}")
     assert labelled, "no profile sample carried a span_id label"
     assert labelled <= profile_ids, labelled - profile_ids
