@@ -134,7 +134,8 @@ def app_environment(settings: AppSettings, multiproc_dir: Path) -> dict[str, str
 
 def start_app(settings: AppSettings, log_dir: Path, timeout: float = 30.0) -> Managed:
     """The real app: `opentelemetry-instrument gunicorn -c gunicorn.conf.py`, exactly as the image runs it."""
-    multiproc_dir = Path(tempfile.mkdtemp(prefix="dice-multiproc-", dir=log_dir if log_dir.exists() else None))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    multiproc_dir = Path(tempfile.mkdtemp(prefix="dice-multiproc-", dir=log_dir))
     env = app_environment(settings, multiproc_dir)
     managed = spawn(
         "app",
