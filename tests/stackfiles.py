@@ -92,32 +92,26 @@ def service_ports(service: dict) -> set[int]:
     return {int(str(port).split("/")[0]) for port in service.get("expose", [])}
 
 
-def bind_mounts(service: dict) -> list[tuple[str, str]]:
-    """(source, target) of a service's bind mounts, sources relative to the repository."""
-    mounts = []
+def _volumes(service: dict) -> list[tuple[str, str, str]]:
+    """(type, source, target) of every volume entry, short (`src:dst[:mode]`) or long syntax."""
+    entries = []
     for volume in service.get("volumes", []):
         if isinstance(volume, dict):
-            if volume.get("type") == "bind":
-                mounts.append((volume["source"], volume["target"]))
-            continue
-        source, target = volume.split(":")[:2]
-        if source.startswith((".", "/")):
-            mounts.append((source, target))
-    return mounts
+            entries.append((volume.get("type", "volume"), volume["source"], volume["target"]))
+        else:
+            source, target = volume.split(":")[:2]
+            entries.append(("bind" if source.startswith((".", "/")) else "volume", source, target))
+    return entries
+
+
+def bind_mounts(service: dict) -> list[tuple[str, str]]:
+    """(source, target) of a service's bind mounts, sources relative to the repository."""
+    return [(source, target) for kind, source, target in _volumes(service) if kind == "bind"]
 
 
 def named_volumes(service: dict) -> list[tuple[str, str]]:
     """(volume name, target) of a service's named volumes."""
-    result = []
-    for volume in service.get("volumes", []):
-        if isinstance(volume, dict):
-            if volume.get("type") == "volume":
-                result.append((volume["source"], volume["target"]))
-            continue
-        source, target = volume.split(":")[:2]
-        if not source.startswith((".", "/")):
-            result.append((source, target))
-    return result
+    return [(source, target) for kind, source, target in _volumes(service) if kind == "volume"]
 
 
 def repo_text_files() -> Iterator[tuple[Path, str]]:

@@ -178,6 +178,10 @@ def test_dockerfile_runs_as_non_root_without_bootstrap():
         for source in copied.split():
             assert (APP_DIR.parent / source).exists(), f"Dockerfile copies missing {source}"
     assert re.search(r'^CMD \["opentelemetry-instrument", "gunicorn", "-c", "gunicorn.conf.py"\]', dockerfile, re.M)
+    from stackfiles import compose, service_ports
+
+    exposed = {int(p) for p in re.findall(r"^EXPOSE\s+(\d+)", dockerfile, re.M)}
+    assert exposed == service_ports(compose()["services"]["app"])
 
 
 def healthcheck_command() -> list[str]:

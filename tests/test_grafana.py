@@ -120,6 +120,12 @@ def test_prometheus_exemplars_link_to_tempo_by_trace_id():
     assert destination == {**destination, "name": "trace_id", "datasourceUid": "tempo"}
 
 
+def test_prometheus_min_step_is_the_scrape_interval():
+    # A smaller step than the scrape interval draws gaps; a larger one hides samples.
+    config = yaml.safe_load((REPO_ROOT / "prometheus" / "prometheus-config.yaml").read_text())
+    assert datasources()["prometheus"]["jsonData"]["timeInterval"] == config["global"]["scrape_interval"]
+
+
 def test_traces_link_to_profiles_by_service_name_and_cpu_profile():
     link = datasources()["tempo"]["jsonData"]["tracesToProfiles"]
     assert link["datasourceUid"] == "pyroscope"

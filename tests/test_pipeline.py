@@ -208,6 +208,16 @@ def test_queries_were_found():
     assert len(dashboard_queries()) >= 3
 
 
+def test_native_fixed_ports_are_the_ports_the_configs_name():
+    from zerocode.native import StackPorts
+
+    for compose_target, local in StackPorts.fixed().target_map().items():
+        if compose_target == "tempo:4317":
+            assert local != "127.0.0.1:4317", "the Tempo sink cannot share the collector's OTLP port"
+            continue
+        assert local.split(":")[1] == compose_target.split(":")[1], compose_target
+
+
 def test_native_runner_renders_every_target(tmp_path):
     from zerocode.native import StackPorts, render_prometheus_config
 

@@ -64,7 +64,6 @@ class HistogramPoint:
     resource: dict
     attributes: dict
     count: int
-    start_time_unix_nano: int
     time_unix_nano: int
 
 
@@ -133,7 +132,7 @@ class OtlpSink:
                         if metric.name == name and metric.WhichOneof("data") == "histogram":
                             for point in metric.histogram.data_points:
                                 yield HistogramPoint(resource, attributes(point.attributes), point.count,
-                                                     point.start_time_unix_nano, point.time_unix_nano)
+                                                     point.time_unix_nano)
 
     def latest_cumulative_counts(self, name: str, keys: tuple[str, ...]) -> dict[tuple, int]:
         """Histogram counts summed over every exporting process (service.instance.id), by attribute keys.
