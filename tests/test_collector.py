@@ -26,6 +26,10 @@ MODULE_TYPES = {
     "go.opentelemetry.io/collector/receiver/otlpreceiver": ("receivers", "otlp"),
     "go.opentelemetry.io/collector/processor/memorylimiterprocessor": ("processors", "memory_limiter"),
     "go.opentelemetry.io/collector/processor/batchprocessor": ("processors", "batch"),
+    "github.com/open-telemetry/opentelemetry-collector-contrib/processor/transformprocessor": (
+        "processors",
+        "transform",
+    ),
     "go.opentelemetry.io/collector/exporter/otlpexporter": ("exporters", "otlp_grpc"),
     "github.com/open-telemetry/opentelemetry-collector-contrib/exporter/prometheusexporter": (
         "exporters",

@@ -3,7 +3,8 @@
 The Compose Specification's JSON schema (vendored by check-jsonschema) validates the structure; the
 rest are the rules of this stack: versions from .env, no `latest`, ports bound to BIND_ADDRESS, a
 memory limit and a healthcheck (or a stated reason and a stand-in) for every service, and
-`depends_on` conditions that make `docker compose up -d --wait` mean "ready".
+`depends_on` conditions that make `docker compose up -d --wait` mean "ready". Restart policies and
+the values Compose fills in from .env are checked on Compose's own reading (test_compose_loader.py).
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ from stackfiles import (
     variables,
 )
 
+from zerocode.healthcheck import HealthcheckError, parse_healthcheck
+
 pytestmark = pytest.mark.unit
 
 # Services whose image cannot run a healthcheck, and what checks them instead.
 NO_HEALTHCHECK = {
     # FROM scratch: no shell, no HTTP client. The probe service polls its health_check extension.
     "otel-collector": "http://otel-collector:13133/",
-    # distroless: no shell, no HTTP client. The probe service polls its readiness endpoint.
+    # distroless (cmd/tempo/Dockerfile of its version, cited in docker-compose.yml): no shell, no HTTP
+    # client. The probe service polls its readiness endpoint.
     "tempo": "http://tempo:3200/ready",
     # FROM scratch, and must not be stood in for: where eBPF cannot run it exits, visibly.
     "beyla": None,
@@ -54,11 +58,15 @@ def check_jsonschema(path) -> subprocess.CompletedProcess:
 
 
 def dockerfile_has_healthcheck(service: dict) -> bool:
+    # Read as Docker reads it (the final stage's last HEALTHCHECK), by the parser the native stack uses.
     build = service.get("build")
     if not build:
         return False
-    dockerfile = REPO_ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile")
-    return bool(re.search(r"^HEALTHCHECK\s+(?!NONE)", dockerfile.read_text(), re.MULTILINE))
+    try:
+        parse_healthcheck(REPO_ROOT / build.get("context", ".") / build.get("dockerfile", "Dockerfile"))
+    except HealthcheckError:
+        return False
+    return True
 
 
 def has_healthcheck(service: dict) -> bool:
@@ -260,7 +268,18 @@ def test_beyla_shares_the_app_pid_namespace_with_the_privileges_it_needs(service
     assert beyla["pid"] == "service:app"
     documented_caps = {"BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH", "CHECKPOINT_RESTORE", "NET_RAW", "SYS_ADMIN"}
     assert beyla.get("privileged") is True or documented_caps <= set(beyla.get("cap_add", []))
-    assert int(beyla.get("scale", 1)) == int(dotenv()["BEYLA_SCALE"])
+
+
+def test_beyla_scale_is_written_as_the_dotenv_switch():
+    # What is written, not what an interpolation filled in from .env (which would equal .env whatever
+    # the file said). test_compose_loader.py checks that Compose turns both values into the scale.
+    written = raw_compose()["services"]["beyla"].get("scale")
+    assert isinstance(written, str) and re.fullmatch(r"\$\{BEYLA_SCALE(:-1)?\}", written), (
+        f"beyla's scale must be ${{BEYLA_SCALE}} from .env, not {written!r}")
+    assert dotenv()["BEYLA_SCALE"] in ("0", "1")
+    for name, service in raw_compose()["services"].items():
+        if name != "beyla":
+            assert "scale" not in service and "replicas" not in (service.get("deploy") or {}), name
 
 
 def test_the_app_runs_as_non_root(services):

@@ -39,6 +39,9 @@ pytestmark = pytest.mark.integration
 
 UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
 
+# The restart policies Docker's engine accepts (Compose's loader passes any string through).
+RESTART_POLICY = re.compile(r"no|always|unless-stopped|on-failure(:[1-9]\d*)?")
+
 
 @pytest.fixture(scope="module")
 def project() -> dict:
@@ -180,8 +183,92 @@ def test_the_shell_environment_wins_over_dotenv():
     assert compose_environment(env={"BIND_ADDRESS": "0.0.0.0"})["BIND_ADDRESS"] == "0.0.0.0"
 
 
-def test_beyla_can_be_left_out_with_its_scale():
+def test_beyla_can_be_left_out_with_its_scale(project):
     # README: BEYLA_SCALE=0 where eBPF cannot run. Nothing may need Beyla then.
-    project = compose_config(env={"BEYLA_SCALE": "0"})
-    assert project["services"]["beyla"]["scale"] == 0
-    assert not any("beyla" in s.get("depends_on", {}) for s in project["services"].values())
+    assert dotenv()["BEYLA_SCALE"] == "1"
+    assert project["services"]["beyla"]["scale"] == 1
+    left_out = compose_config(env={"BEYLA_SCALE": "0"})
+    assert left_out["services"]["beyla"]["scale"] == 0
+    assert not any("beyla" in s.get("depends_on", {}) for s in left_out["services"].values())
+    # Only Beyla has a scale to switch.
+    assert [name for name, s in left_out["services"].items() if s.get("scale", 1) != 1] == ["beyla"]
+
+
+def test_beyla_scale_is_read_from_the_dotenv_file(project_copy):
+    # The same switch written into .env itself, as the README tells users to do.
+    env_file = project_copy / ".env"
+    env_file.write_text(re.sub(r"^BEYLA_SCALE=.*$", "BEYLA_SCALE=0", env_file.read_text(), flags=re.M))
+    assert compose_config(project_copy)["services"]["beyla"]["scale"] == 0
+
+
+def one_shot_services(project: dict) -> set[str]:
+    """Services that are meant to exit: something waits for them to complete."""
+    return {target for s in project["services"].values() for target, spec in s.get("depends_on", {}).items()
+            if spec.get("condition") == "service_completed_successfully"}
+
+
+def test_every_long_running_service_has_a_restart_policy(project):
+    long_running = set(project["services"]) - one_shot_services(project)
+    assert long_running == SERVICES
+    for name in sorted(long_running):
+        policy = project["services"][name].get("restart")
+        assert policy and policy != "no", f"{name} has no restart policy"
+        assert RESTART_POLICY.fullmatch(policy), f"{name}: restart: {policy} is not a policy Docker knows"
+    # Everything but Beyla comes back after a crash and after a reboot, until stopped on purpose.
+    policies = {name: s["restart"] for name, s in project["services"].items()}
+    assert {name for name, policy in policies.items() if policy != "unless-stopped"} == {"beyla"}
+
+
+def test_beyla_restarts_a_bounded_number_of_times(project):
+    # Where eBPF cannot run Beyla exits at once: a bounded on-failure ends in a visible Exited state
+    # instead of an endless restart loop (docker-compose.yml explains the choice).
+    match = re.fullmatch(r"on-failure:(\d+)", project["services"]["beyla"]["restart"])
+    assert match and 1 <= int(match.group(1)) <= 5
+
+
+def test_beyla_follows_app_restarts(project):
+    beyla = project["services"]["beyla"]
+    # It lives in the app's pid namespace, so it dies whenever the app's container stops...
+    assert beyla["pid"] == "service:app"
+    # ...and Compose restarts it after every restart or recreation of the app it performs.
+    app = beyla["depends_on"]["app"]
+    assert app["restart"] is True
+    assert app["condition"] == "service_healthy"
+    # No other edge needs it: no one else shares a namespace.
+    others = {(name, target) for name, s in project["services"].items()
+              for target, spec in s.get("depends_on", {}).items() if spec.get("restart")}
+    assert others == {("beyla", "app")}
+    assert not [name for name, s in project["services"].items()
+                if name != "beyla" and (s.get("pid") or s.get("network_mode", "").startswith("service:"))]
+
+
+def test_a_restart_policy_typo_is_caught(project_copy):
+    # compose-go passes any restart string through (the engine refuses it only at `up`), which is why
+    # the tests above hold the value to Docker's policies. Either way, a typo must not pass.
+    compose_file = project_copy / COMPOSE_FILE.name
+    compose_file.write_text(compose_file.read_text().replace("restart: on-failure:3", "restart: on-failure-3"))
+    try:
+        policy = compose_config(project_copy)["services"]["beyla"]["restart"]
+    except ComposeConfigError:
+        return
+    assert policy == "on-failure-3" and not RESTART_POLICY.fullmatch(policy)
+
+
+def test_a_host_port_changes_from_the_shell_without_touching_the_container_port(project):
+    moved = compose_config(env={"GRAFANA_PORT": "13000", "APP_PORT": "15000"})
+    ports = {name: [(p["published"], p["target"]) for p in s.get("ports", [])] for name, s in moved["services"].items()}
+    assert ports["grafana"] == [("13000", 3000)]
+    assert ports["app"] == [("15000", 5000)]
+    before = {name: [(p["published"], p["target"]) for p in s.get("ports", [])]
+              for name, s in project["services"].items()}
+    assert {k: v for k, v in ports.items() if k not in ("grafana", "app")} == {
+        k: v for k, v in before.items() if k not in ("grafana", "app")}
+    assert before["grafana"] == [(dotenv()["GRAFANA_PORT"], 3000)]
+
+
+def test_a_missing_port_variable_stops_compose_naming_it(project_copy):
+    env_file = project_copy / ".env"
+    kept = [line for line in env_file.read_text().splitlines() if not line.startswith("TEMPO_PORT=")]
+    env_file.write_text("\n".join(kept) + "\n")
+    with pytest.raises(ComposeConfigError, match="required variable TEMPO_PORT is missing"):
+        compose_config(project_copy)

@@ -3,8 +3,9 @@
 - Every host:port a config names is a port that compose service provides (its `expose` list), so a
   renamed service or moved port fails here instead of showing "No data" after `docker compose up`.
 - Each image version is stated once, in .env (two tied copies are checked by tests).
-- Each port is stated once per service: published on the same number it listens on, and the
-  services' settings are not restated as environment variables in docker-compose.yml.
+- Each published port is the port its service listens on (its `expose` list) inside, and on the host
+  the port that one .env variable names, by default the same number; the services' settings are not
+  restated as environment variables in docker-compose.yml.
 - Each service's files live in the folder named like the service.
 """
 
@@ -15,7 +16,7 @@ import re
 from pathlib import Path
 
 import pytest
-from stackfiles import REPO_ROOT, bind_mounts, compose, dotenv, repo_text_files, service_ports
+from stackfiles import REPO_ROOT, bind_mounts, compose, dotenv, raw_compose, repo_text_files, service_ports
 
 pytestmark = pytest.mark.unit
 
@@ -24,6 +25,12 @@ pytestmark = pytest.mark.unit
 ADDRESS = re.compile(r"(?<![\w.-])(?P<host>[a-z][a-z0-9-]*|\d{1,3}(?:\.\d{1,3}){3}):(?P<port>\d{2,5})(?![\w.])")
 # Addresses that mean "this container" in the file of the service that owns it.
 OWN_HOST = {"localhost", "127.0.0.1", "0.0.0.0"}
+
+# A published port as written: BIND_ADDRESS, then the host port from one .env variable (required, as
+# the versions are), then the container port as a plain number.
+PUBLISHED_PORT = re.compile(
+    r"\$\{BIND_ADDRESS:-127\.0\.0\.1\}:\$\{(?P<variable>[A-Z][A-Z0-9_]*_PORT):\?[^}]*\}:(?P<target>\d+)"
+)
 
 # Copies of a version outside .env that a test keeps equal to it.
 TIED_VERSION_COPIES = {
@@ -153,15 +160,63 @@ def test_tied_version_copies_equal_dotenv():
     assert pinned and pinned.group(1) == env["LOCUST_VERSION"], "locust in requirements-dev.txt != LOCUST_VERSION"
 
 
-def test_every_service_publishes_each_port_on_the_number_it_listens_on(services):
-    host_ports = []
-    for name, service in services.items():
+def published_ports() -> dict[str, list[tuple[str, int]]]:
+    """(host port variable, container port) of every published port, by service, as written."""
+    found = {}
+    for name, service in raw_compose()["services"].items():
         for port in service.get("ports", []):
-            _, host_port, container_port = port.split(":")
-            assert host_port == container_port, f"{name}: {port} states two numbers for one port"
-            assert int(container_port) in service_ports(service), f"{name}: publishes {port} but does not expose it"
-            host_ports.append(int(host_port))
+            match = PUBLISHED_PORT.fullmatch(str(port))
+            assert match, f"{name}: {port!r} is not ${{BIND_ADDRESS:-127.0.0.1}}:${{X_PORT:?...}}:PORT"
+            found.setdefault(name, []).append((match["variable"], int(match["target"])))
+    return found
+
+
+def test_every_published_port_is_a_port_the_service_listens_on(services):
+    for name, ports in published_ports().items():
+        for _, target in ports:
+            assert target in service_ports(services[name]), f"{name}: publishes {target} but does not expose it"
+
+
+def test_every_host_port_comes_from_its_own_dotenv_variable(services):
+    env = dotenv()
+    variables = [variable for ports in published_ports().values() for variable, _ in ports]
+    assert variables, "no published ports found"
+    assert len(variables) == len(set(variables)), f"a port variable is used twice: {sorted(variables)}"
+    # Every *_PORT in .env is a published port (an unused one would be a setting that does nothing).
+    assert set(variables) == {key for key in env if key.endswith("_PORT")}
+    host_ports = []
+    for name, ports in published_ports().items():
+        for variable, target in ports:
+            assert re.fullmatch(r"[1-9]\d{0,4}", env[variable]) and int(env[variable]) <= 65535, (
+                f"{variable}={env[variable]!r} in .env is not a port")
+            # By default the host port is the number the service listens on: the README's URLs, the
+            # e2e tier and the native stack (zerocode.native.StackPorts.fixed) use those.
+            assert int(env[variable]) == target, f"{name}: {variable}={env[variable]} in .env, it listens on {target}"
+            host_ports.append(int(env[variable]))
+            # And what Compose publishes is that variable, with the container side untouched.
+            interpolated = [p for p in services[name]["ports"] if p.endswith(f":{target}")]
+            assert interpolated == [f"{env['BIND_ADDRESS']}:{env[variable]}:{target}"], name
     assert len(host_ports) == len(set(host_ports)), "a host port is published twice"
+
+
+def test_a_changed_host_port_changes_only_the_host_side():
+    env = {**dotenv(), "GRAFANA_PORT": "13000"}
+    grafana = compose(env)["services"]["grafana"]
+    assert grafana["ports"] == [f"{env['BIND_ADDRESS']}:13000:3000"]
+    assert "3000" in [str(port) for port in grafana["expose"]]
+
+
+def test_the_native_stack_listens_on_the_default_host_ports():
+    # make native-up prints the compose URLs; they are the .env defaults.
+    from zerocode.native import StackPorts
+
+    fixed = StackPorts.fixed()
+    env = dotenv()
+    assert int(env["APP_PORT"]) == fixed.app
+    assert int(env["PROMETHEUS_PORT"]) == fixed.prometheus
+    assert int(env["OTEL_COLLECTOR_METRICS_PORT"]) == fixed.collector_metrics
+    assert int(env["BEYLA_PORT"]) == fixed.beyla
+    assert int(env["PYROSCOPE_PORT"]) == fixed.pyroscope_sink
 
 
 def test_settings_are_not_restated_as_environment_variables(services):

@@ -17,8 +17,6 @@ import pytest
 import yaml
 from stackfiles import REPO_ROOT, bind_mounts, compose, dotenv, named_volumes
 
-pytestmark = pytest.mark.unit
-
 GRAFANA = REPO_ROOT / "grafana"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "datasources.yaml"
 PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "dashboards.yaml"
@@ -40,8 +38,9 @@ KNOWN_METRICS = {
     *(f"flask_http_request_duration_seconds_{s}" for s in ("bucket", "count", "sum")),
     "flask_http_request_total",
     "app_info",
-    "traces_span_metrics_calls_total",
-    *(f"traces_span_metrics_duration_seconds_{s}" for s in ("bucket", "count", "sum")),
+    "traces_spanmetrics_calls_total",
+    *(f"locust_client_duration_seconds_{s}" for s in ("bucket", "count", "sum")),
+    *(f"traces_spanmetrics_latency_{s}" for s in ("bucket", "count", "sum")),
     "process_cpu_time_seconds_total",
     "process_cpu_utilization_ratio",
     "process_memory_usage_bytes",
@@ -51,7 +50,7 @@ KNOWN_METRICS = {
     "up",
 }
 KNOWN_METRIC_PREFIXES = ("traces_service_graph_",)
-SOURCES = {"manual", "otel", "ebpf"}
+SOURCES = {"manual", "otel", "ebpf", "loadgen"}
 
 
 def recording_rules() -> set[str]:
@@ -109,23 +108,27 @@ def trace_to_metrics_queries() -> list[str]:
 # --- datasources -------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_datasources_have_fixed_uids_and_types():
     assert {uid: ds["type"] for uid, ds in datasources().items()} == EXPECTED_DATASOURCES
     assert sum(bool(ds.get("isDefault")) for ds in datasources().values()) == 1
 
 
+@pytest.mark.unit
 def test_prometheus_exemplars_link_to_tempo_by_trace_id():
     (destination,) = datasources()["prometheus"]["jsonData"]["exemplarTraceIdDestinations"]
     # The collector's exporters name the exemplar label trace_id (not traceID).
     assert destination == {**destination, "name": "trace_id", "datasourceUid": "tempo"}
 
 
+@pytest.mark.unit
 def test_prometheus_min_step_is_the_scrape_interval():
     # A smaller step than the scrape interval draws gaps; a larger one hides samples.
     config = yaml.safe_load((REPO_ROOT / "prometheus" / "prometheus-config.yaml").read_text())
     assert datasources()["prometheus"]["jsonData"]["timeInterval"] == config["global"]["scrape_interval"]
 
 
+@pytest.mark.unit
 def test_traces_link_to_profiles_by_service_name_and_cpu_profile():
     link = datasources()["tempo"]["jsonData"]["tracesToProfiles"]
     assert link["datasourceUid"] == "pyroscope"
@@ -133,6 +136,7 @@ def test_traces_link_to_profiles_by_service_name_and_cpu_profile():
     assert {"key": "service.name", "value": "service_name"} in link["tags"]
 
 
+@pytest.mark.unit
 def test_traces_link_to_metrics_and_service_map():
     json_data = datasources()["tempo"]["jsonData"]
     assert json_data["tracesToMetrics"]["datasourceUid"] == "prometheus"
@@ -141,6 +145,7 @@ def test_traces_link_to_metrics_and_service_map():
     assert json_data["nodeGraph"]["enabled"] is True
 
 
+@pytest.mark.unit
 def test_every_datasource_link_points_to_a_provisioned_datasource():
     def uids(node):
         if isinstance(node, dict):
@@ -157,6 +162,7 @@ def test_every_datasource_link_points_to_a_provisioned_datasource():
     assert linked and linked <= set(datasources())
 
 
+@pytest.mark.unit
 def test_grafana_variables_are_escaped_from_provisioning_interpolation():
     # Provisioning expands $VAR and ${VAR} in values; Grafana's own $__tags must be written $$__tags.
     def strings(node):
@@ -175,6 +181,7 @@ def test_grafana_variables_are_escaped_from_provisioning_interpolation():
         assert "$" not in value.replace("$$", ""), f"unescaped $ in {value!r}"
 
 
+@pytest.mark.integration  # builds Prometheus's promtool
 def test_trace_to_metrics_queries_parse_and_use_known_metrics(tmp_path):
     queries = trace_to_metrics_queries()
     result = promtool_check({f"link:q{i}": q for i, q in enumerate(queries)}, tmp_path)
@@ -186,6 +193,7 @@ def test_trace_to_metrics_queries_parse_and_use_known_metrics(tmp_path):
 # --- dashboards --------------------------------------------------------------------------------------
 
 
+@pytest.mark.unit
 def test_dashboards_exist_and_are_valid_json():
     assert DASHBOARDS, "grafana/dashboards/ has no dashboard"
     uids = [json.loads(path.read_text())["uid"] for path in DASHBOARDS]
@@ -193,6 +201,7 @@ def test_dashboards_exist_and_are_valid_json():
     assert "stack-overview" in uids
 
 
+@pytest.mark.unit
 def test_dashboard_provider_reads_the_mounted_directory():
     (provider,) = yaml.safe_load(PROVIDERS.read_text())["providers"]
     mounts = dict(bind_mounts(compose()["services"]["grafana"]))
@@ -202,6 +211,7 @@ def test_dashboard_provider_reads_the_mounted_directory():
     assert (GRAFANA / "dashboards" / Path(home).name).is_file()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_dashboard_references_only_provisioned_datasources(path):
     dashboard = json.loads(path.read_text())
@@ -218,6 +228,7 @@ def test_dashboard_references_only_provisioned_datasources(path):
             assert panel.get("targets"), f"panel {panel['title']!r} has no query"
 
 
+@pytest.mark.integration  # builds Prometheus's promtool
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
 def test_dashboard_promql_parses_and_uses_known_metrics(path, tmp_path):
     dashboard = json.loads(path.read_text())
@@ -228,7 +239,7 @@ def test_dashboard_promql_parses_and_uses_known_metrics(path, tmp_path):
         where = f"panel {panel['title']!r} query {target['refId']}"
         assert expr.strip(), f"{where}: empty expr"
         # Plain PromQL, so tests can run every query against a real Prometheus.
-        assert "$" not in expr, f"{where}: Grafana variables make the query untestable: {expr}"
+        assert not re.search(r"\$(\{|[A-Za-z_])", expr), f"{where}: Grafana variables make the query untestable: {expr}"
         metrics = selected_metrics(expr)
         assert metrics, f'{where}: write selectors with braces, e.g. up{{job=~".+"}}: {expr}'
         unknown = {m for m in metrics if m not in allowed and not m.startswith(KNOWN_METRIC_PREFIXES)}
@@ -241,11 +252,13 @@ def test_dashboard_promql_parses_and_uses_known_metrics(path, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.integration  # builds Prometheus's promtool
 def test_the_promql_check_rejects_a_broken_query(tmp_path):
     result = promtool_check({"dashboard:broken": "sum by (route (rate(up[1m]))"}, tmp_path)
     assert result.returncode != 0
 
 
+@pytest.mark.unit
 def test_overview_compares_the_three_sources_and_shows_traces_and_profiles():
     dashboard = json.loads((GRAFANA / "dashboards" / "stack-overview.json").read_text())
     exprs = " ".join(target["expr"] for _, target in prometheus_targets(dashboard))
@@ -274,6 +287,7 @@ def run_entrypoint(data_dir: Path, password: str | None = None) -> tuple[str, st
     return seen.read_text(), result.stdout + result.stderr
 
 
+@pytest.mark.unit
 def test_entrypoint_generates_a_password_once_and_reuses_it(tmp_path):
     password, log = run_entrypoint(tmp_path / "data")
     assert re.fullmatch(r"[A-Za-z0-9+/]{24}", password)
@@ -286,11 +300,13 @@ def test_entrypoint_generates_a_password_once_and_reuses_it(tmp_path):
     assert run_entrypoint(tmp_path / "fresh")[0] != password
 
 
+@pytest.mark.unit
 def test_entrypoint_keeps_a_given_password(tmp_path):
     assert run_entrypoint(tmp_path / "data", "chosen-by-the-user")[0] == "chosen-by-the-user"
     assert not (tmp_path / "data" / "admin-password").exists()
 
 
+@pytest.mark.unit
 def test_entrypoint_is_mounted_where_compose_runs_it():
     grafana = compose()["services"]["grafana"]
     mounts = dict(bind_mounts(grafana))

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from zerocode.envfile import APP_ENV, load_env_file
 from zerocode.native import REPO_ROOT, NativeStack, poll
 
 pytestmark = pytest.mark.integration
@@ -29,9 +30,11 @@ VIEW_FUNCTION = "roll_dice"
 # Queries that read Beyla's series: Beyla needs kprobes, which these machines lack, so they can only
 # return data where Docker runs on a normal kernel (tests/e2e). Anything else must answer with data.
 NEEDS_BEYLA: dict[str, str] = {
-    'sum by (telemetry_source) (rate(process_cpu_time_seconds_total{telemetry_source="ebpf"}[1m]))':
+    'sum by (telemetry_source) (max by (telemetry_source, process_pid, cpu_mode) '
+    '(rate(process_cpu_time_seconds_total{telemetry_source="ebpf", cpu_mode!="wait"}[1m])))':
         "Beyla's process CPU (metrics feature application_process)",
-    'sum by (telemetry_source) (process_memory_usage_bytes{telemetry_source="ebpf"})':
+    'sum by (telemetry_source) (max by (telemetry_source, process_pid) '
+    '(process_memory_usage_bytes{telemetry_source="ebpf"}))':
         "Beyla's process memory (metrics feature application_process)",
 }
 
@@ -56,7 +59,10 @@ def load(stack):
     """One locust run; then wait until the last export and scrape have landed in Prometheus."""
     from zerocode.native import run_locust
 
-    truth = run_locust(stack.app_url, LOAD_SECONDS, LOAD_USERS, stack.run_dir)
+    # With --otel, as compose runs it: locust's own metrics are the loadgen source, and its client spans
+    # carry the trace context into the app.
+    truth = run_locust(stack.app_url, LOAD_SECONDS, LOAD_USERS, stack.run_dir,
+                       otlp_endpoint=f"http://127.0.0.1:{stack.ports.otlp_grpc}")
     expected = sent_by_route_status(truth)
     assert sum(expected.values()) == truth["locust_totals"]["num_requests"] > 100
     assert truth["locust_totals"]["num_failures"] == 0, "the app answered something unexpected"
@@ -66,9 +72,10 @@ def load(stack):
     manual = 'sum by (path, status) (flask_http_request_duration_seconds_count{telemetry_source="manual"})'
     # OTEL_METRIC_EXPORT_INTERVAL (10 s) + batch (1 s) + scrape (5 s), with margin.
     poll(lambda: by_labels(stack.query(otel), "http_route", "http_response_status_code") == expected
-         and by_labels(stack.query(manual), "path", "status") == expected, timeout=60)
+         and by_labels(stack.query(manual), "path", "status") == expected, 60,
+         f"otel and manual counts in Prometheus equal to what locust sent, {dict(expected)}")
     poll(lambda: VIEW_FUNCTION in set().union(*[u.function_names() for u in stack.pyroscope_sink.snapshot()]),
-         timeout=30)
+         30, f"a profile with {VIEW_FUNCTION}")
     return {"truth": truth, "expected": expected, "otel": otel, "manual": manual}
 
 
@@ -84,6 +91,10 @@ def test_manual_metrics_equal_locust_and_exclude_scrapes(stack, load):
     assert seen == load["expected"]
     # Prometheus scrapes /metrics every 5 s; none of those requests may count as app traffic.
     assert stack.query('flask_http_request_duration_seconds_count{path="/metrics"}') == []
+    # The image's healthcheck ran beside the load (GET /metrics every 10 s) and counted nowhere.
+    probe = stack.health_probe
+    print(f"healthcheck runs {probe.runs}, failures {probe.failures}")
+    assert probe.runs >= 2 and probe.failures == 0
     up = by_labels(stack.query("up"), "job")
     assert up[("app",)] == 1 and up[("otel-collector",)] == 1 and up[("beyla",)] == 0
 
@@ -93,6 +104,9 @@ def test_every_series_of_the_three_sources_is_labelled(stack, load):
         unlabelled = stack.query(f'count({{job="{job}", telemetry_source!="{source}"}})')
         assert unlabelled == [], f"{job} series without telemetry_source={source}"
     assert stack.query('count({job="dice-api", telemetry_source!="otel"})') == []
+    # Locust's own metrics come through the same collector, but are the load generator's.
+    assert stack.query('count({job="locust"})'), "locust --otel sent nothing"
+    assert stack.query('count({job="locust", telemetry_source!="loadgen"})') == []
 
 
 def test_traces_one_server_span_per_request(stack, load):
@@ -108,21 +122,61 @@ def test_traces_one_server_span_per_request(stack, load):
 
 def test_span_metrics_calls_equal_server_spans(stack, load):
     spans = len([s for s in stack.tempo_sink.spans() if s.span.kind == SERVER])
-    expr = 'sum(traces_span_metrics_calls_total{span_kind="SPAN_KIND_SERVER", service_name="dice-api"})'
-    calls = poll(lambda: (r := stack.query(expr)) and int(float(r[0]["value"][1])) == spans and r, 30)
-    print(f"\nspan-metric calls {calls and calls[0]['value'][1]} server spans {spans}")
-    assert calls and int(float(calls[0]["value"][1])) == spans
-    errors = stack.query('sum(traces_span_metrics_calls_total{span_kind="SPAN_KIND_SERVER", '
+    expr = 'sum(traces_spanmetrics_calls_total{span_kind="SPAN_KIND_SERVER", service_name="dice-api"})'
+    calls = poll(lambda: (r := stack.query(expr)) and int(float(r[0]["value"][1])) == spans and r, 30,
+                 f"span-metric calls equal to the {spans} SERVER spans")
+    print(f"\nspan-metric calls {calls[0]['value'][1]} server spans {spans}")
+    errors = stack.query('sum(traces_spanmetrics_calls_total{span_kind="SPAN_KIND_SERVER", '
                          'status_code="STATUS_CODE_ERROR"})')
     assert int(float(errors[0]["value"][1])) == load["expected"][("/fail", "500")]
 
 
-def test_service_graph_series_exist(stack, load):
-    result = poll(lambda: stack.query('traces_service_graph_request_total{server="dice-api"}'), 30)
-    assert result, "the service-graph connector produced no series"
-    total = sum(int(float(r["value"][1])) for r in result)
-    print(f"\nservice graph edges {[r['metric'].get('client') for r in result]} requests {total}")
-    assert total <= sum(load["expected"].values())
+def test_service_graph_has_the_locust_to_dice_api_edge_with_every_request(stack, load):
+    sent = sum(load["expected"].values())
+    expr = "sum by (client, server) (traces_service_graph_request_total)"
+    # Locust (--otel) sends its client span's context with every request, so each edge pairs its CLIENT
+    # span with the app's SERVER span. (A request from an uninstrumented client shows as "user".)
+    seen = {}
+
+    def paired():
+        seen.update(edges=by_labels(stack.query(expr), "client", "server"))
+        return seen["edges"][("locust", "dice-api")] == sent
+
+    poll(paired, 60, f"the edge locust -> dice-api with all {sent} requests (last seen: {seen})")
+    print(f"\nservice graph edges {dict(seen['edges'])}, sent {sent}")
+    # A request that locust gave up on at its stop may leave a client span with no server: "unknown".
+    others = {edge: n for edge, n in seen["edges"].items() if edge != ("locust", "dice-api")}
+    assert set(others) <= {("locust", "unknown")} and sum(others.values()) <= 2, others
+    failed = by_labels(stack.query(expr.replace("request_total", "request_failed_total")), "client", "server")
+    assert failed[("locust", "dice-api")] == load["expected"][("/fail", "500")]
+
+
+def grafana_service_graph_queries(span_names: list[str], window: str = "5m") -> dict[str, str]:
+    """What Grafana's Tempo datasource (grafana-tempo-datasource, src/datasource.ts and graphTransform.ts)
+    sends to Prometheus for Explore's Service Graph: the node graph, then the table under it."""
+    queries = {}
+    for metric in ("traces_service_graph_request_server_seconds_sum", "traces_service_graph_request_total",
+                   "traces_service_graph_request_failed_total", "traces_service_graph_request_server_seconds_bucket"):
+        queries[metric] = f"sum by (client, server) (rate({metric}[{window}]))"
+        queries[f"{metric}_labels"] = f"group by (client, connection_type, server) ({metric})"
+    queries["table: rate"] = (f'topk(5, sum(rate(traces_spanmetrics_calls_total{{span_kind="SPAN_KIND_SERVER"}}'
+                              f'[{window}])) by (span_name))')
+    names = "|".join(span_names)
+    queries["table: error rate"] = (f'topk(5, sum(rate(traces_spanmetrics_calls_total{{status_code="STATUS_CODE_ERROR",'
+                                    f'span_name=~"{names}"}}[{window}])) by (span_name))')
+    for name in span_names:
+        queries[f"table: p90 {name}"] = (f'histogram_quantile(.9, sum(rate(traces_spanmetrics_latency_bucket'
+                                         f'{{span_name=~"{name}"}}[{window}])) by (le))')
+    return queries
+
+
+def test_grafana_service_graph_view_gets_data_for_every_query_it_sends(stack, load):
+    rates = poll(lambda: stack.query(grafana_service_graph_queries([])["table: rate"]), 30, "the table's rate query")
+    span_names = sorted(r["metric"]["span_name"] for r in rates)
+    assert span_names == ["GET /", "GET /fail", "GET /health"], span_names
+    for name, expr in grafana_service_graph_queries(span_names).items():
+        result = poll(lambda expr=expr: stack.query(expr), 30, f"service graph view, {name}: {expr}")
+        assert all(r["value"][1] not in ("NaN", "0") for r in result) or "failed" in name, (name, result)
 
 
 def test_exemplars_link_the_latency_histogram_to_exported_traces(stack, load):
@@ -144,16 +198,15 @@ def test_profiles_have_the_view_function_and_link_to_root_spans(stack, load):
     assert uploads and {u.labels["service_name"] for u in uploads} == {"dice-api"}
     assert VIEW_FUNCTION in set().union(*[u.function_names() for u in uploads])
     labelled = set().union(*[u.sample_labels("span_id") for u in uploads])
-    roots = {s.attributes.get("pyroscope.profile.id") for s in stack.tempo_sink.spans() if s.is_root}
+    # pyroscope-otel labels the process's local root spans: the app's SERVER spans, whose parent is
+    # locust's (remote) CLIENT span.
+    roots = {s.attributes.get("pyroscope.profile.id") for s in stack.tempo_sink.spans() if s.span.kind == SERVER}
+    assert None not in roots, "a SERVER span without pyroscope.profile.id"
     print(f"\nprofile uploads {len(uploads)} span ids in profiles {len(labelled)} matched {len(labelled & roots)}")
     assert labelled and labelled <= roots
 
 
 # ------------------------------------------------------------------------- rules and dashboards run
-
-GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "5m",
-                     "${__rate_interval}": "1m", "${__interval}": "15s", "${__range}": "5m"}
-
 
 def rule_expressions() -> list[tuple[str, str]]:
     found = []
@@ -168,7 +221,6 @@ def dashboard_queries() -> list[tuple[str, str]]:
     found = []
     for path in sorted((REPO_ROOT / "grafana" / "dashboards").glob("*.json")):
         dashboard = json.loads(path.read_text())
-        variables = {v["name"]: v for v in dashboard.get("templating", {}).get("list", [])}
 
         def walk(panels):
             for panel in panels:
@@ -178,29 +230,25 @@ def dashboard_queries() -> list[tuple[str, str]]:
         for panel in walk(dashboard.get("panels", [])):
             for target in panel.get("targets", []):
                 if "expr" in target and target.get("expr"):
-                    found.append((f"{path.name}:{panel.get('title')}", substitute(target["expr"], variables)))
+                    found.append((f"{path.name}:{panel.get('title')}", target["expr"]))
     return found
-
-
-def substitute(expr: str, variables: dict) -> str:
-    for name, value in GRAFANA_VARIABLES.items():
-        expr = expr.replace(name, value)
-    for name, variable in variables.items():
-        current = variable.get("current", {}).get("value") or ".*"
-        current = ".*" if current in ("$__all", ["$__all"]) else current
-        if isinstance(current, list):
-            current = "|".join(current)
-        expr = re.sub(r"\$\{" + name + r"(:\w+)?\}|\$" + name + r"\b", current, expr)
-    return expr
 
 
 @pytest.mark.parametrize("where, expr", rule_expressions() + dashboard_queries())
 def test_every_rule_and_dashboard_query_runs_and_answers(stack, load, where, expr):
-    result = poll(lambda: stack.query(expr), timeout=15)  # raises on a PromQL error
+    # Queries are run as written: a Grafana variable ($__rate_interval, a template variable) would need
+    # substituting first, and none is used yet.
+    assert not re.search(r"\$(\{|[A-Za-z_])", expr), f"{where}: substitute Grafana variables before running {expr}"
     if expr in NEEDS_BEYLA:
-        assert not result, f"{where}: listed as needing Beyla but answered here; remove it from NEEDS_BEYLA"
+        assert not stack.query(expr), f"{where}: listed as needing Beyla but answered here; remove it from NEEDS_BEYLA"
         pytest.skip(f"{where}: needs Beyla's series ({NEEDS_BEYLA[expr]}); checked in tests/e2e")
-    assert result, f"{where}: no data for {expr}"
+    result = poll(lambda: stack.query(expr), 15, f"{where}: data for {expr}")  # raises on a PromQL error
+    # A panel that compares sources must show every source that runs here, not just any one of them.
+    wanted = set(re.findall(r'telemetry_source=~"([^"]+)"', expr))
+    if wanted:
+        expected = set("|".join(wanted).split("|")) - {"ebpf"}
+        shown = {r["metric"].get("telemetry_source") for r in result}
+        assert expected <= shown, f"{where}: shows {shown}, missing {expected - shown}"
 
 
 def test_queries_were_found():
@@ -209,13 +257,27 @@ def test_queries_were_found():
 
 
 def test_native_fixed_ports_are_the_ports_the_configs_name():
-    from zerocode.native import StackPorts
+    """`make native-up` listens where the committed configs say each component listens."""
+    from zerocode.native import COLLECTOR_CONFIG, PROMETHEUS_CONFIG, StackPorts
 
-    for compose_target, local in StackPorts.fixed().target_map().items():
-        if compose_target == "tempo:4317":
-            assert local != "127.0.0.1:4317", "the Tempo sink cannot share the collector's OTLP port"
-            continue
-        assert local.split(":")[1] == compose_target.split(":")[1], compose_target
+    fixed = StackPorts.fixed()
+    port = lambda address: int(str(address).rsplit(":", 1)[1])  # noqa: E731
+    collector = yaml.safe_load(COLLECTOR_CONFIG.read_text())
+    reader = collector["service"]["telemetry"]["metrics"]["readers"][0]["pull"]["exporter"]["prometheus"]
+    assert fixed.otlp_grpc == port(collector["receivers"]["otlp"]["protocols"]["grpc"]["endpoint"])
+    assert fixed.otlp_http == port(collector["receivers"]["otlp"]["protocols"]["http"]["endpoint"])
+    assert fixed.collector_health == port(collector["extensions"]["health_check"]["endpoint"])
+    assert fixed.collector_metrics == port(collector["exporters"]["prometheus"]["endpoint"])
+    assert fixed.collector_telemetry == reader["port"]
+    targets = {job["job_name"]: port(job["static_configs"][0]["targets"][0])
+               for job in yaml.safe_load(PROMETHEUS_CONFIG.read_text())["scrape_configs"]}
+    assert (targets["app"], targets["beyla"], targets["prometheus"]) == (fixed.app, fixed.beyla, fixed.prometheus)
+    assert targets["otel-collector"] == fixed.collector_metrics
+    assert targets["otel-collector-internal"] == fixed.collector_telemetry
+    pyroscope = load_env_file(APP_ENV)["PYROSCOPE_SERVER_ADDRESS"]
+    assert fixed.pyroscope_sink == port(pyroscope)
+    # The Tempo sink cannot share the collector's OTLP port, so it is the one that differs.
+    assert port(collector["exporters"]["otlp_grpc/tempo"]["endpoint"]) == fixed.otlp_grpc != fixed.tempo_sink
 
 
 def test_native_runner_renders_every_target(tmp_path):
@@ -224,3 +286,45 @@ def test_native_runner_renders_every_target(tmp_path):
     rendered = render_prometheus_config(StackPorts.free())
     assert not re.search(r"\b(app|beyla|otel-collector|tempo|pyroscope):\d+", rendered)
     assert Path(yaml.safe_load(rendered)["rule_files"][0]).parent.exists()
+
+
+def test_an_otel_attribute_cannot_pass_for_another_source(stack, load):
+    """An OTLP data point labelled telemetry_source="manual" still lands as the otel source."""
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+    from opentelemetry.sdk.resources import Resource
+
+    exporter = OTLPMetricExporter(endpoint=f"127.0.0.1:{stack.ports.otlp_grpc}", insecure=True)
+    provider = MeterProvider(metric_readers=[PeriodicExportingMetricReader(exporter, 60_000)],
+                             resource=Resource.create({"service.name": "impostor"}))
+    provider.get_meter("test").create_counter("impostor_requests").add(3, {"telemetry_source": "manual"})
+    provider.shutdown()
+    result = poll(lambda: stack.query("impostor_requests_total"), 30, "the impostor's counter in Prometheus")
+    assert [r["metric"]["telemetry_source"] for r in result] == ["otel"]
+
+
+# The labels each source's request series carry, as README.md "Labels per source" lists them. A label
+# that appears here unannounced (a resource attribute, a scope version) starts new series on upgrades.
+SERIES_LABELS = {
+    "otel": {"__name__", "job", "instance", "telemetry_source", "service_name", "http_request_method",
+             "http_response_status_code", "http_route", "url_scheme", "network_protocol_version", "error_type"},
+    "manual": {"__name__", "job", "instance", "telemetry_source", "app", "method", "path", "status"},
+    "otel span metrics": {"__name__", "job", "instance", "telemetry_source", "service_name", "span_name",
+                          "span_kind", "status_code"},
+}
+
+
+def test_series_carry_only_the_documented_labels(stack, load):
+    selectors = {
+        "otel": 'http_server_request_duration_seconds_count{telemetry_source="otel"}',
+        "manual": 'flask_http_request_duration_seconds_count{telemetry_source="manual"}',
+        "otel span metrics": 'traces_spanmetrics_calls_total{telemetry_source="otel"}',
+    }
+    readme = (REPO_ROOT / "README.md").read_text()
+    for source, selector in selectors.items():
+        seen = set().union(*(r["metric"].keys() for r in stack.query(selector))) | {"__name__"}
+        print(f"\n{source}: {sorted(seen)}")
+        assert seen <= SERIES_LABELS[source], f"{source}: unexpected labels {seen - SERIES_LABELS[source]}"
+        for label in SERIES_LABELS[source] - {"__name__"}:
+            assert f"`{label}`" in readme, f"README does not list the {source} label {label}"

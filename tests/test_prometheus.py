@@ -245,3 +245,35 @@ def test_collector_job_keeps_the_exporters_job_and_instance():
     # job/instance come from service.name/service.instance.id; without honor_labels Prometheus would
     # rename them to exported_job/exported_instance and dashboards would lose the service.
     assert jobs()["otel-collector"].get("honor_labels") is True
+
+
+@pytest.mark.unit
+def test_the_app_job_keeps_only_the_apps_routes_and_standard_methods():
+    import re
+
+    from test_service_configs import app_routes
+
+    guard = jobs()["app"]["metric_relabel_configs"][0]
+    assert guard["source_labels"] == ["path", "method"]
+    paths, methods = re.fullmatch(r"\((.*)\);\((.*)\)", guard["regex"]).groups()
+    # "" keeps the app's series that have no path (process, python, flask_http_request_total).
+    assert set(paths.split("|")) == app_routes() | {""}
+    assert set(methods.split("|")) == {"", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE",
+                                       "PATCH"}
+    kept = re.compile(guard["regex"])
+    assert kept.fullmatch("/health;GET") and kept.fullmatch(";")
+    assert not kept.fullmatch("/wp-admin.php;GET") and not kept.fullmatch("/;FOO")
+    assert jobs()["app"]["sample_limit"] > 0 and jobs()["app"]["label_limit"] > 0
+
+
+@pytest.mark.unit
+def test_no_scraped_label_can_pass_for_another_source():
+    for name, source in SOURCES.items():
+        job = jobs()[name]
+        if job.get("honor_labels"):
+            rules = [r for r in job.get("metric_relabel_configs", []) if r.get("target_label") == "telemetry_source"]
+            # First unconditionally this job's source, then at most a split by the exporting service
+            # (job = service.name: locust's own metrics are the load generator's), never by the scraped
+            # telemetry_source itself.
+            assert rules and rules[0] == {"target_label": "telemetry_source", "replacement": source}, name
+            assert all(r.get("source_labels") == ["job"] for r in rules[1:]), name

@@ -46,13 +46,20 @@ def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None 
     raise TimeoutError(f"{url} did not answer within {timeout}s: {last_error}")
 
 
-def poll(check, timeout: float, interval: float = 0.5):
-    """Re-run `check` until it returns something truthy or the time is up; returns its last value."""
+def poll(check, timeout: float, what: str, interval: float = 0.5):
+    """Re-run `check` until it returns something truthy, and return that; on timeout, fail with the
+    last answer it gave (or the exception it raised), so a red test says what it saw."""
     deadline = time.monotonic() + timeout
     while True:
-        value = check()
-        if value or time.monotonic() > deadline:
+        try:
+            value, error = check(), None
+        except Exception as exc:  # noqa: BLE001 - reported below if it never succeeds
+            value, error = None, exc
+        if value:
             return value
+        if time.monotonic() > deadline:
+            last = f"{type(error).__name__}: {error}" if error else repr(value)
+            raise AssertionError(f"{what}: not reached within {timeout}s; last answer: {last[:2000]}")
         time.sleep(interval)
 
 
@@ -132,10 +139,11 @@ def app_environment(settings: AppSettings, multiproc_dir: Path) -> dict[str, str
     return env
 
 
-def start_app(settings: AppSettings, log_dir: Path, timeout: float = 30.0) -> Managed:
+def start_app(settings: AppSettings, log_dir: Path, timeout: float = 30.0,
+              multiproc_dir: Path | None = None) -> Managed:
     """The real app: `opentelemetry-instrument gunicorn -c gunicorn.conf.py`, exactly as the image runs it."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    multiproc_dir = Path(tempfile.mkdtemp(prefix="dice-multiproc-", dir=log_dir))
+    multiproc_dir = multiproc_dir or Path(tempfile.mkdtemp(prefix="dice-multiproc-", dir=log_dir))
     env = app_environment(settings, multiproc_dir)
     managed = spawn(
         "app",
@@ -262,6 +270,7 @@ class NativeStack:
         self.collector: Managed | None = None
         self.prometheus: Managed | None = None
         self.app: Managed | None = None
+        self.health_probe = None
 
     @property
     def prometheus_url(self) -> str:
@@ -307,8 +316,19 @@ class NativeStack:
         self._wait("prometheus", self.prometheus, f"{self.prometheus_url}/-/ready")
         return self.prometheus
 
+    @property
+    def app_multiproc_dir(self) -> Path:
+        """prometheus-flask-exporter's PROMETHEUS_MULTIPROC_DIR (gunicorn empties it at each start)."""
+        return self.run_dir / "app-multiproc"
+
     def start_app(self) -> Managed:
-        self.app = start_app(self.app_settings, self.run_dir)
+        from zerocode.healthcheck import HealthProbe
+
+        self.app = start_app(self.app_settings, self.run_dir, multiproc_dir=self.app_multiproc_dir)
+        # The image's HEALTHCHECK, run on its schedule as Docker would, so that every count the tests
+        # compare with locust is taken with the probe's requests going on beside the load.
+        if self.health_probe is None:
+            self.health_probe = HealthProbe(self.ports.app).start()
         return self.app
 
     def _wait(self, name: str, managed: Managed, url: str) -> None:
@@ -332,6 +352,8 @@ class NativeStack:
         return self
 
     def down(self) -> None:
+        if self.health_probe is not None:
+            self.health_probe.stop()
         for managed in (self.app, self.collector, self.prometheus):
             if managed is not None:
                 managed.stop()
@@ -361,24 +383,33 @@ def prometheus_query(base_url: str, expr: str, path: str = "query", **params) ->
 
 
 LOCUSTFILE = REPO_ROOT / "locustfile.py"
+LOCUST_ENV = REPO_ROOT / "locust" / "locust.env"
 GROUND_TRUTH_PLUGIN = Path(__file__).with_name("locust_ground_truth.py")
 
 
-def run_locust(host: str, seconds: int, users: int, run_dir: Path, name: str = "locust",
-               background: bool = False) -> subprocess.Popen | dict:
-    """locustfile.py headless against `host`, with the ground-truth plugin; returns what it sent.
+def run_locust(host: str, seconds: int | None, users: int, run_dir: Path, name: str = "locust",
+               background: bool = False, scenario: str = "steady",
+               otlp_endpoint: str | None = None) -> subprocess.Popen | dict:
+    """A scenario of locustfile.py headless against `host`, with the ground-truth plugin; returns what
+    it sent. seconds=None lets the scenario end itself (locustfile.py's table says when).
 
-    With background=True the process is returned; call `locust_result(run_dir, name)` after it ends.
+    With otlp_endpoint, locust runs with `--otel` and locust/locust.env, as compose runs it, exporting
+    there. With background=True the process is returned; call `locust_result(run_dir, name)` after it ends.
     """
-    env = dict(os.environ, LOCUST_GROUND_TRUTH_FILE=str(run_dir / f"{name}.json"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    if otlp_endpoint:
+        env.update(load_env_file(LOCUST_ENV), OTEL_EXPORTER_OTLP_ENDPOINT=otlp_endpoint)
+    env.update(LOCUST_GROUND_TRUTH_FILE=str(run_dir / f"{name}.json"), DICE_SCENARIO=scenario)
     args = [str(VENV_BIN / "locust"), "-f", f"{LOCUSTFILE},{GROUND_TRUTH_PLUGIN}", "--headless",
-            "-u", str(users), "-r", str(users), "-t", f"{seconds}s", "--host", host, "--only-summary",
-            "--stop-timeout", "5", "--exit-code-on-error", "0"]
+            "-u", str(users), "-r", str(users), "--host", host, "--only-summary",
+            "--stop-timeout", "5", "--exit-code-on-error", "0", *(["--otel"] if otlp_endpoint else [])]
+    if seconds is not None:
+        args += ["-t", f"{seconds}s"]
     with open(run_dir / f"{name}.log", "wb") as log:
         process = subprocess.Popen(args, env=env, cwd=run_dir, stdout=log, stderr=subprocess.STDOUT)
     if background:
         return process
-    process.wait(seconds + 60)
+    process.wait((seconds or 600) + 60)
     return locust_result(run_dir, name)
 
 

@@ -28,6 +28,8 @@ import pytest
 import requests
 from stackfiles import COMPOSE_FILE, REPO_ROOT, dotenv
 
+from zerocode.native import poll
+
 pytestmark = pytest.mark.e2e
 
 PROJECT = "dice-e2e"
@@ -69,23 +71,6 @@ if REASON:
 def compose_cmd(*args: str) -> list[str]:
     return ["docker", "compose", "--project-name", PROJECT, "--project-directory", str(REPO_ROOT),
             "--file", str(COMPOSE_FILE), *args]  # fmt: skip
-
-
-def eventually(check, what: str, timeout: float = 180, interval: float = 5):
-    """Poll `check()` until it returns something truthy; fail naming `what` and the last answer."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while True:
-        try:
-            result = check()
-            if result:
-                return result
-            last = result
-        except (requests.RequestException, KeyError, ValueError) as error:
-            last = f"{type(error).__name__}: {error}"
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what}: not seen within {timeout:.0f}s (last answer: {last!r})")
-        time.sleep(interval)
 
 
 @dataclass
@@ -222,7 +207,8 @@ def test_every_source_reports_route_root(load):
         complete = all(seen.get(source, 0) >= load["/"] for source in ("ebpf", "otel", "manual"))
         return seen if complete else None
 
-    eventually(sources, f'series with telemetry_source ebpf, otel and manual counting >= {load["/"]} requests to "/"')
+    poll(sources, 180, f'series with telemetry_source ebpf, otel and manual counting >= {load["/"]} requests to "/"',
+         interval=5)
 
 
 # --- traces ------------------------------------------------------------------------------------------
@@ -230,14 +216,14 @@ def test_every_source_reports_route_root(load):
 
 def test_tempo_finds_a_get_root_trace(load):
     query = f'{{ resource.service.name = "{SERVICE}" && span.http.route = "/" && span.http.request.method = "GET" }}'
-    traces = eventually(lambda: tempo_search(query), f"Tempo search {query}")
+    traces = poll(lambda: tempo_search(query), 180, f"Tempo search {query}", interval=5)
     assert any(trace.get("rootTraceName") == "GET /" for trace in traces), [t.get("rootTraceName") for t in traces]
     assert all(trace.get("rootServiceName") == SERVICE for trace in traces)
 
 
 def test_tempo_finds_an_error_trace_for_fail(load):
     query = f'{{ resource.service.name = "{SERVICE}" && span.http.route = "/fail" && status = error }}'
-    traces = eventually(lambda: tempo_search(query), f"Tempo search {query}")
+    traces = poll(lambda: tempo_search(query), 180, f"Tempo search {query}", interval=5)
     assert any(trace.get("rootTraceName") == "GET /fail" for trace in traces)
 
 
@@ -251,7 +237,7 @@ def test_pyroscope_has_a_cpu_profile_with_the_view_function(load):
         names = pyroscope("SelectMergeStacktraces", body).get("flamegraph", {}).get("names", [])
         return names if any(VIEW_FUNCTION in name for name in names) else None
 
-    eventually(names, f"a {CPU_PROFILE} profile of {SERVICE} with a {VIEW_FUNCTION} frame", timeout=240)
+    poll(names, 240, f"a {CPU_PROFILE} profile of {SERVICE} with a {VIEW_FUNCTION} frame", interval=5)
 
 
 def test_span_ids_of_traces_resolve_to_span_profiles(load):
@@ -265,7 +251,7 @@ def test_span_ids_of_traces_resolve_to_span_profiles(load):
                     ids += attribute_values(detail.json(), "pyroscope.profile.id")
         return sorted(set(ids))
 
-    ids = eventually(profile_ids, "traces whose root span carries pyroscope.profile.id")
+    ids = poll(profile_ids, 180, "traces whose root span carries pyroscope.profile.id", interval=5)
     selector = {"profileTypeID": CPU_PROFILE, "labelSelector": f'{{service_name="{SERVICE}"}}'}
 
     def total(span_ids: list[str]) -> int:
@@ -273,7 +259,7 @@ def test_span_ids_of_traces_resolve_to_span_profiles(load):
         return int(answer.get("flamegraph", {}).get("total", 0))
 
     # A span shorter than the 10 ms sampling period can have no sample, so ask for all of them first.
-    eventually(lambda: total(ids), f"a span profile for any of {len(ids)} pyroscope.profile.id values", timeout=240)
+    poll(lambda: total(ids), 240, f"a span profile for any of {len(ids)} pyroscope.profile.id values", interval=5)
     resolved = next((span_id for span_id in ids if total([span_id]) > 0), None)
     assert resolved, f"none of {len(ids)} span ids resolves on its own, although together they do"
 
@@ -289,7 +275,7 @@ def test_grafana_datasources_are_healthy(stack):
             answer = response.json()
             return answer if answer.get("status") == "OK" else None
 
-        eventually(health, f"Grafana health check of datasource {uid}", timeout=120)
+        poll(health, 120, f"Grafana health check of datasource {uid}", interval=5)
 
 
 def test_every_provisioned_dashboard_loads_and_its_queries_return_data(stack, load):
@@ -314,7 +300,7 @@ def test_every_provisioned_dashboard_loads_and_its_queries_return_data(stack, lo
                     assert "error" not in result, f"{title}: {result['error']}"
                     return [f for f in result.get("frames", []) if any(f.get("data", {}).get("values", []))]
 
-                eventually(frames, f"data for panel {panel['title']!r}: {target['expr']}", timeout=180)
+                poll(frames, 180, f"data for panel {panel['title']!r}: {target['expr']}", interval=5)
 
 
 def test_anonymous_visitors_can_view_the_overview(stack):
