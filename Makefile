@@ -10,19 +10,19 @@ STAMP := $(VENV)/.installed
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-$(STAMP): requirements-dev.txt app/requirements.txt app/requirements-otel.txt pyproject.toml
+$(STAMP): requirements-dev.txt app/requirements.txt app/requirements-otel.txt pyproject.toml instrumentation/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e ./instrumentation -e .
 	touch $@
 
 venv: $(STAMP) ## create .venv with the pinned dependencies
 
 collector: $(STAMP) ## build (once, cached in .cache/) the OTel Collector from otel-collector/builder-config.yaml
-	$(PY) -m zerocode.collector
+	$(PY) -m tooling.collector
 
 prometheus: $(STAMP) ## build Prometheus and promtool (compose version) from the Go module, cached in .cache/
-	$(PY) -m zerocode.prometheus_build
+	$(PY) -m tooling.prometheus_build
 
 test: $(STAMP) collector prometheus ## run every test tier (the docker tier skips itself, saying why, without Docker)
 	$(PY) -m pytest
@@ -31,10 +31,15 @@ lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 
 native-up: $(STAMP) collector prometheus ## run collector, Prometheus and the app here, no Docker (Tempo/Pyroscope are sinks)
-	$(PY) -m zerocode.native up
+	$(PY) -m tooling.native up
 
 native-down: ## stop what native-up started
-	$(PY) -m zerocode.native down
+	$(PY) -m tooling.native down
+
+SCENARIO ?= steady
+DURATION ?= 60
+compare: $(STAMP) collector prometheus ## run a load scenario and compare every source with what locust sent (SCENARIO=, DURATION=)
+	$(PY) -m tooling.compare --scenario $(SCENARIO) --duration $(DURATION) $(COMPARE_ARGS)
 
 up: ## start the whole stack in Docker and wait until it is healthy
 	docker compose up -d --wait
@@ -48,4 +53,4 @@ e2e: $(STAMP) ## only the docker tier (needs a Docker engine)
 clean: ## remove the venv and cached builds
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: help venv collector prometheus test lint native-up native-down up down e2e clean
+.PHONY: help venv collector prometheus test lint native-up native-down compare up down e2e clean

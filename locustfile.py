@@ -1,33 +1,112 @@
-"""Load for the dice API: mostly dice rolls, some health checks, a few intentional failures.
+"""Load for the dice API, as named scenarios. `DICE_SCENARIO` picks one (default `steady`):
 
-Compose runs it with the web UI on :8089 and starts a gentle load by itself (`--autostart`), so every
-dashboard panel has data within a minute. The tests run it headless against a local app and compare
-locust's own per-route counts with what each telemetry source reports, so every request is named by
-its path and nothing else varies: one task, one route.
+| scenario | users | what it does | headless, it ends |
+|---|---|---|---|
+| steady | `-u` (compose: 5) | ~1 req/s per user: 10 rolls : 2 health : 1 failure | after `-t` or DICE_SECONDS (60) |
+| spike  | a shape | 5 users, ramp to 40 with no wait (20x the 2 workers), back to 5 | after DICE_SECONDS (90) |
+| errors | `-u` | the steady pace, but half of all requests go to /fail | after `-t` or DICE_SECONDS (60) |
+| scan   | `-u` | random unknown paths, as a scanner sends them, all named "/**" | after DICE_SCAN_REQUESTS (2000) |
+
+Compose runs `steady` with the web UI (`--autostart`), so every dashboard has data within a minute. The
+tests and `make compare` run a scenario headless and compare locust's own per-route counts with what each
+telemetry source reports, so every request is named by its route (the label the recording rules use,
+"/**" for unmatched paths) and each route answers with one status: 200 for / and /health, 500 for /fail,
+404 for the scan. An unexpected status is a locust failure.
 """
 
-from locust import HttpUser, between, task
+from __future__ import annotations
+
+import itertools
+import os
+import secrets
+
+import gevent
+
+from locust import HttpUser, LoadTestShape, between, constant, events, task
+
+SCENARIOS = ("steady", "spike", "errors", "scan")
+SCENARIO = os.environ.get("DICE_SCENARIO", "steady")
+if SCENARIO not in SCENARIOS:
+    raise SystemExit(f"DICE_SCENARIO={SCENARIO!r} is not a scenario; choose one of {', '.join(SCENARIOS)}")
+SECONDS = int(os.environ.get("DICE_SECONDS") or (90 if SCENARIO == "spike" else 60))
+SCAN_REQUESTS = int(os.environ.get("DICE_SCAN_REQUESTS", "2000"))
 
 
-class DiceUser(HttpUser):
+def expect(client, path: str, status: int, name: str | None = None) -> None:
+    # catch_response: /fail's 500 and the scan's 404 are what they should be, so they count as
+    # successes, and locust's failure count means "unexpected answer" on every route.
+    with client.get(path, name=name or path, catch_response=True) as response:
+        if response.status_code == status:
+            response.success()
+        else:
+            response.failure(f"expected {status} from {name or path}, got {response.status_code}")
+
+
+class _Dice(HttpUser):
+    abstract = True
     # About one request per user per second: gentle enough for a laptop, steady enough for rate()s.
     wait_time = between(0.5, 1.5)
 
-    @task(10)
     def roll(self):
-        self.client.get("/", name="/")
+        expect(self.client, "/", 200)
 
-    @task(2)
     def health(self):
-        self.client.get("/health", name="/health")
+        expect(self.client, "/health", 200)
 
-    @task(1)
     def fail(self):
-        # /fail answers 500 on purpose, so a 500 counts as a success and anything else as a failure.
-        # Locust's failure count then means "unexpected answer" on every route, and with no failures
-        # its per-route counts are also per-status counts: 200 for / and /health, 500 for /fail.
-        with self.client.get("/fail", name="/fail", catch_response=True) as response:
-            if response.status_code == 500:
-                response.success()
-            else:
-                response.failure(f"expected 500 from /fail, got {response.status_code}")
+        expect(self.client, "/fail", 500)
+
+
+if SCENARIO == "steady":
+
+    class DiceUser(_Dice):
+        tasks = {_Dice.roll: 10, _Dice.health: 2, _Dice.fail: 1}
+
+elif SCENARIO == "errors":
+
+    class ErrorsUser(_Dice):
+        tasks = {_Dice.roll: 4, _Dice.health: 1, _Dice.fail: 5}
+
+elif SCENARIO == "spike":
+
+    class SpikeUser(_Dice):
+        # No think time: each user sends as fast as the app answers, so users are concurrency.
+        wait_time = constant(0)
+        tasks = {_Dice.roll: 10, _Dice.health: 2, _Dice.fail: 1}
+
+    class SpikeShape(LoadTestShape):
+        """Baseline, ramp past saturation (gunicorn has 2 sync workers: 2 requests at a time), hold,
+        back to baseline. Fractions of DICE_SECONDS, so a short run keeps the same shape."""
+
+        stages = ((0.2, 5), (0.4, 20), (0.7, 40), (0.85, 20), (1.0, 5))
+
+        def tick(self):
+            elapsed = self.get_run_time() / SECONDS
+            for end, users in self.stages:
+                if elapsed < end:
+                    return users, users
+            return None
+
+elif SCENARIO == "scan":
+    _sent = itertools.count(1)
+    _shapes = ("/{}", "/admin/{}.php", "/{}/../etc/passwd", "/api/v1/users/{}", "/{}.env", "/wp-{}/x")
+
+    class ScanUser(HttpUser):
+        wait_time = constant(0)
+
+        @task
+        def scan(self):
+            number = next(_sent)
+            if number > SCAN_REQUESTS:
+                self.environment.runner.quit()
+                return
+            path = _shapes[number % len(_shapes)].format(secrets.token_hex(6))
+            expect(self.client, path, 404, name="/**")
+
+
+@events.test_start.add_listener
+def _bound_headless_runs(environment, **_kwargs):
+    # Headless runs always end: a run time given with -t wins, otherwise DICE_SECONDS.
+    options = environment.parsed_options
+    if options is not None and options.headless and not options.run_time and environment.shape_class is None:
+        gevent.spawn_later(SECONDS, environment.runner.quit)

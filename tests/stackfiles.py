@@ -17,8 +17,8 @@ from pathlib import Path
 
 import yaml
 
-from zerocode.envfile import load_env_file
-from zerocode.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
+from tooling.envfile import load_env_file
+from tooling.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"

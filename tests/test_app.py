@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from zerocode.native import AppSettings, free_port, start_app
+from tooling.native import AppSettings, free_port, start_app
 
 APP_DIR = Path(__file__).resolve().parent.parent / "app"
 FORBIDDEN_MODULES = ("opentelemetry", "pyroscope", "beyla", "zerocode")
@@ -185,10 +185,9 @@ def test_dockerfile_runs_as_non_root_without_bootstrap():
 
 
 def healthcheck_command() -> list[str]:
-    dockerfile = (APP_DIR / "Dockerfile").read_text().replace("\\\n", " ")
-    match = re.search(r"^HEALTHCHECK .*?CMD (\[.*\])\s*$", dockerfile, re.M)
-    assert match, "no exec-form HEALTHCHECK in app/Dockerfile"
-    return ast.literal_eval(match.group(1))
+    from tooling.healthcheck import parse_healthcheck
+
+    return list(parse_healthcheck(APP_DIR / "Dockerfile").command)
 
 
 @pytest.mark.integration

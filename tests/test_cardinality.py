@@ -18,7 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from zerocode.native import NativeStack, poll
+from tooling.native import NativeStack, poll
 
 pytestmark = pytest.mark.integration
 

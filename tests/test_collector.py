@@ -1,5 +1,5 @@
 """The collector config, its builder manifest and the compose image version agree, and the real
-collector (built from the manifest by zerocode.collector) accepts the config."""
+collector (built from the manifest by tooling.collector) accepts the config."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import requests
 import yaml
 
-from zerocode.collector import CONFIG, REPO_ROOT, collector_binary, load_manifest
-from zerocode.envfile import load_env_file
+from tooling.collector import CONFIG, REPO_ROOT, collector_binary, load_manifest
+from tooling.envfile import load_env_file
 
 ENV_FILE = REPO_ROOT / ".env"
 KINDS = ("receivers", "processors", "exporters", "connectors", "extensions")
@@ -171,7 +171,7 @@ def test_validate_rejects_a_broken_config(otelcol, config, tmp_path, breakage):
 @pytest.mark.integration
 def test_endpoints_can_be_moved_by_an_overlay(otelcol, tmp_path):
     """The native stack runs the real config plus a second --config that only changes addresses."""
-    from zerocode.native import StackPorts, collector_overlay
+    from tooling.native import StackPorts, collector_overlay
 
     stack_ports = StackPorts.free()
     ports = {"health": stack_ports.collector_health, "grpc": stack_ports.otlp_grpc, "http": stack_ports.otlp_http,
@@ -209,7 +209,7 @@ def test_endpoints_can_be_moved_by_an_overlay(otelcol, tmp_path):
 @pytest.mark.unit
 def test_build_names_go_when_it_is_missing(monkeypatch):
     """Without Go the build must say what is missing instead of failing obscurely."""
-    from zerocode import collector
+    from tooling import collector
 
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(collector.CollectorBuildError, match="Go"):

@@ -29,7 +29,7 @@ from stackfiles import (
     variables,
 )
 
-from zerocode.healthcheck import HealthcheckError, parse_healthcheck
+from tooling.healthcheck import HealthcheckError, parse_healthcheck
 
 pytestmark = pytest.mark.unit
 

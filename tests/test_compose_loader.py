@@ -33,7 +33,7 @@ from stackfiles import (
     variables,
 )
 
-from zerocode.envfile import load_env_file
+from tooling.envfile import load_env_file
 
 pytestmark = pytest.mark.integration
 

@@ -190,7 +190,7 @@ def test_every_host_port_comes_from_its_own_dotenv_variable(services):
             assert re.fullmatch(r"[1-9]\d{0,4}", env[variable]) and int(env[variable]) <= 65535, (
                 f"{variable}={env[variable]!r} in .env is not a port")
             # By default the host port is the number the service listens on: the README's URLs, the
-            # e2e tier and the native stack (zerocode.native.StackPorts.fixed) use those.
+            # e2e tier and the native stack (tooling.native.StackPorts.fixed) use those.
             assert int(env[variable]) == target, f"{name}: {variable}={env[variable]} in .env, it listens on {target}"
             host_ports.append(int(env[variable]))
             # And what Compose publishes is that variable, with the container side untouched.
@@ -208,7 +208,7 @@ def test_a_changed_host_port_changes_only_the_host_side():
 
 def test_the_native_stack_listens_on_the_default_host_ports():
     # make native-up prints the compose URLs; they are the .env defaults.
-    from zerocode.native import StackPorts
+    from tooling.native import StackPorts
 
     fixed = StackPorts.fixed()
     env = dotenv()
@@ -234,3 +234,68 @@ def test_each_service_mounts_files_from_its_own_folder(services):
         for source, _ in bind_mounts(service):
             first = Path(source).parts[0] if Path(source).parts[0] != "." else Path(source).parts[1]
             assert first == name or first in top_level, f"{name} mounts {source}, outside {name}/"
+
+
+# --- the two homes of our code: the hooks inside the app's process, and the tooling around it ---------
+
+THIRD_PARTY = {
+    # import name -> distribution that provides it
+    "opentelemetry": {"opentelemetry-api", "opentelemetry-sdk", "opentelemetry-proto"},
+    "pyroscope": {"pyroscope-io", "pyroscope-otel"},
+    "flask": {"Flask"}, "werkzeug": {"Werkzeug"}, "yaml": {"PyYAML"}, "grpc": {"grpcio"},
+    "google": {"protobuf"}, "requests": {"requests"}, "psutil": {"psutil"}, "matplotlib": {"matplotlib"},
+    "locust": {"locust"}, "gevent": {"locust"},
+}
+
+
+def imported_top_levels(folder) -> dict[str, set[str]]:
+    import ast
+    import sys
+
+    found: dict[str, set[str]] = {}
+    for path in sorted(folder.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top != "__future__":
+                    found.setdefault(top, set()).add(path.name)
+    return found
+
+
+def declared(pyproject) -> set[str]:
+    import re
+    import tomllib
+
+    project = tomllib.loads(pyproject.read_text())["project"]
+    requirements = project["dependencies"] + sum(project.get("optional-dependencies", {}).values(), [])
+    return {re.split(r"[<>=!~\[ ]", r, maxsplit=1)[0] for r in requirements}
+
+
+def test_the_image_installs_the_app_and_the_hooks_and_nothing_else_of_ours():
+    import re
+
+    dockerfile = (REPO_ROOT / "app" / "Dockerfile").read_text()
+    copied = {src for line in re.findall(r"^COPY\s+(.+)\s+\S+$", dockerfile, re.M) for src in line.split()}
+    assert copied == {"app/requirements.txt", "app/requirements-otel.txt", "instrumentation", "app/app.py",
+                      "app/gunicorn.conf.py"}
+    ignored = [line for line in (REPO_ROOT / ".dockerignore").read_text().splitlines() if not line.startswith("#")]
+    assert ignored[:3] == ["*", "!app/", "!instrumentation/"], "the build context must let in only these two"
+    # instrumentation/ is the hooks package and nothing else: no tooling, no sinks, no builds.
+    modules = {p.relative_to(REPO_ROOT / "instrumentation").as_posix()
+               for p in (REPO_ROOT / "instrumentation").rglob("*.py")}
+    assert modules == {"zerocode/__init__.py", "zerocode/profiling.py", "zerocode/flask_errors.py"}
+
+
+def test_each_package_declares_what_it_imports():
+    for folder, pyproject, ours in ((REPO_ROOT / "instrumentation" / "zerocode",
+                                     REPO_ROOT / "instrumentation" / "pyproject.toml", {"zerocode"}),
+                                    (REPO_ROOT / "tooling", REPO_ROOT / "pyproject.toml", {"tooling"})):
+        needs = declared(pyproject)
+        for top, files in imported_top_levels(folder).items():
+            if top in ours:
+                continue
+            assert top in THIRD_PARTY, f"{folder.name}: {top} (in {files}) is not in THIRD_PARTY"
+            assert THIRD_PARTY[top] & needs, f"{pyproject.relative_to(REPO_ROOT)} does not declare {top} ({files})"
+    assert "tooling" not in imported_top_levels(REPO_ROOT / "instrumentation"), "the hooks must not need the tooling"

@@ -68,7 +68,7 @@ def selected_metrics(expr: str) -> set[str]:
 
 def promtool_check(exprs: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess:
     """Parse every expression with the real PromQL parser, as recording rules."""
-    from zerocode.prometheus_build import prometheus_binaries
+    from tooling.prometheus_build import prometheus_binaries
 
     exe = prometheus_binaries()[1]  # the compose image's version, built from its Go module
     rules = {"groups": [{"name": "queries", "rules": [{"record": n, "expr": e} for n, e in exprs.items()]}]}

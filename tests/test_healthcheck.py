@@ -1,4 +1,4 @@
-"""zerocode.healthcheck: app/Dockerfile's HEALTHCHECK read as Docker reads it, and run natively."""
+"""tooling.healthcheck: app/Dockerfile's HEALTHCHECK read as Docker reads it, and run natively."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from zerocode.healthcheck import (
+from tooling.healthcheck import (
     APP_DOCKERFILE,
     DEFAULTS,
     HealthcheckError,

@@ -2,7 +2,7 @@
 
 The collector (built from otel-collector/builder-config.yaml), Prometheus (the compose version, built from
 its Go module), the app under `opentelemetry-instrument gunicorn` and locust run as local processes from the
-same config files compose uses. Only addresses change, and Tempo and Pyroscope are capture sinks (zerocode.sinks).
+same config files compose uses. Only addresses change, and Tempo and Pyroscope are capture sinks (tooling.sinks).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from zerocode.envfile import APP_ENV, load_env_file
-from zerocode.native import REPO_ROOT, NativeStack, poll
+from tooling.envfile import APP_ENV, load_env_file
+from tooling.native import REPO_ROOT, NativeStack, by_labels, poll
 
 pytestmark = pytest.mark.integration
 
@@ -43,10 +43,6 @@ def sent_by_route_status(truth: dict) -> Counter:
     return Counter({(row["name"], str(row["status"])): row["count"] for row in truth["sent"]})
 
 
-def by_labels(result: list, *labels: str) -> Counter:
-    return Counter({tuple(r["metric"].get(label) for label in labels): int(float(r["value"][1])) for r in result})
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     native = NativeStack(tmp_path_factory.mktemp("native")).up()
@@ -57,7 +53,7 @@ def stack(tmp_path_factory):
 @pytest.fixture(scope="module")
 def load(stack):
     """One locust run; then wait until the last export and scrape have landed in Prometheus."""
-    from zerocode.native import run_locust
+    from tooling.native import run_locust
 
     # With --otel, as compose runs it: locust's own metrics are the loadgen source, and its client spans
     # carry the trace context into the app.
@@ -180,7 +176,7 @@ def test_grafana_service_graph_view_gets_data_for_every_query_it_sends(stack, lo
 
 
 def test_exemplars_link_the_latency_histogram_to_exported_traces(stack, load):
-    from zerocode.native import prometheus_query
+    from tooling.native import prometheus_query
 
     now = time.time()
     histogram = 'http_server_request_duration_seconds_bucket{telemetry_source="otel"}'
@@ -258,7 +254,7 @@ def test_queries_were_found():
 
 def test_native_fixed_ports_are_the_ports_the_configs_name():
     """`make native-up` listens where the committed configs say each component listens."""
-    from zerocode.native import COLLECTOR_CONFIG, PROMETHEUS_CONFIG, StackPorts
+    from tooling.native import COLLECTOR_CONFIG, PROMETHEUS_CONFIG, StackPorts
 
     fixed = StackPorts.fixed()
     port = lambda address: int(str(address).rsplit(":", 1)[1])  # noqa: E731
@@ -281,7 +277,7 @@ def test_native_fixed_ports_are_the_ports_the_configs_name():
 
 
 def test_native_runner_renders_every_target(tmp_path):
-    from zerocode.native import StackPorts, render_prometheus_config
+    from tooling.native import StackPorts, render_prometheus_config
 
     rendered = render_prometheus_config(StackPorts.free())
     assert not re.search(r"\b(app|beyla|otel-collector|tempo|pyroscope):\d+", rendered)

@@ -1,7 +1,7 @@
 """Prometheus config and recording rules, checked by the real promtool of the compose image's version.
 
 promtool and prometheus are built from Prometheus's Go module at PROMETHEUS_VERSION from .env
-(zerocode.prometheus_build), so what passes here is what the `prom/prometheus` image accepts.
+(tooling.prometheus_build), so what passes here is what the `prom/prometheus` image accepts.
 Debian's promtool 2.42, if installed, is checked once as well, for users who run that one.
 """
 
@@ -15,8 +15,8 @@ import pytest
 import requests
 import yaml
 
-from zerocode import prometheus_build
-from zerocode.prometheus_build import module_version, prometheus_binaries, prometheus_version
+from tooling import prometheus_build
+from tooling.prometheus_build import module_version, prometheus_binaries, prometheus_version
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PROM_DIR = REPO_ROOT / "prometheus"
@@ -114,7 +114,7 @@ def test_rule_test_catches_a_wrong_rule(promtool, tmp_path):
 @pytest.mark.integration
 def test_the_server_runs_the_config_and_answers_the_api(binaries, tmp_path):
     """The build has no web UI (no `builtinassets`); readiness and the API must work without it."""
-    from zerocode.native import StackPorts, prometheus_feature_flags, render_prometheus_config, wait_http
+    from tooling.native import StackPorts, prometheus_feature_flags, render_prometheus_config, wait_http
 
     ports = StackPorts.free()
     config = tmp_path / "prometheus.yaml"

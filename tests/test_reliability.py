@@ -1,17 +1,40 @@
 """Faults under load: a dead backend must never make the app fail or slow down noticeably.
 
-Runs the native stack (tests/test_pipeline.py) and locust, kills a backend mid-run, and compares the
-app's answers and latency, as locust saw them, before, during and after the outage.
+Runs the native stack (tests/test_pipeline.py) and locust, breaks a backend mid-run (killed, hung, or a
+name that no longer resolves), and compares the app's answers and latency, as locust saw them, before,
+during and after the outage. A flood from tooling.flood then pushes the whole pipeline as hard as the
+machine allows and checks that nothing crashes, the collector stays inside its compose memory budget, and
+every telemetry count is exact again once the flood is over.
 """
 
 from __future__ import annotations
 
+import json
+import re
+import selectors
+import socket
 import statistics
+import subprocess
+import sys
+import threading
 import time
+from collections import Counter
 
+import psutil
 import pytest
+import yaml
 
-from zerocode.native import NativeStack, locust_result, run_locust
+from tooling import native
+from tooling.native import (
+    COLLECTOR_CONFIG,
+    COMPOSE_FILE,
+    REPO_ROOT,
+    NativeStack,
+    by_labels,
+    locust_result,
+    poll,
+    run_locust,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -76,9 +99,7 @@ def test_collector_killed_mid_load_then_restarted(stack):
         result = stack.query(expr)
         return int(float(result[0]["value"][1])) if result else 0
 
-    deadline = time.monotonic() + 60
-    while otel_total() != sent and time.monotonic() < deadline:
-        time.sleep(2)
+    poll(lambda: otel_total() == sent, 60, f"the otel request count back to all {sent} requests", 2)
     print(f"\ncollector kill: before {before}\n  outage {during}\n  after {after}\n"
           f"  requests {sent}, spans received {spans} ({sent - spans} lost while the collector was down), "
           f"spans after restart {len(after_spans)}, OTel request count in Prometheus {otel_total()}")
@@ -107,3 +128,378 @@ def test_pyroscope_unreachable_leaves_the_app_unaffected(stack):
     assert_unaffected(before, during)
     assert spans_during, "traces stopped when Pyroscope went away"
     assert stack.app.process.poll() is None
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+
+def gunicorn_processes(app: native.Managed, workers: int = 2) -> tuple[psutil.Process, set[int]]:
+    """The master (opentelemetry-instrument execs gunicorn, so it keeps the pid) and its worker pids."""
+    master = psutil.Process(app.process.pid)
+    pids = poll(lambda: {c.pid for c in master.children()} if len(master.children()) == workers else None, 20,
+                f"{workers} gunicorn workers", 0.2)
+    assert pids, f"expected {workers} gunicorn workers under {master.pid}"
+    return master, pids
+
+
+def scalar(stack: NativeStack, expr: str) -> int | None:
+    result = stack.query(expr)
+    return int(float(result[0]["value"][1])) if result else None
+
+
+OTEL_BY_ROUTE = ('sum by (http_route, http_response_status_code) '
+                 '(http_server_request_duration_seconds_count{telemetry_source="otel"})')
+MANUAL_BY_PATH = 'sum by (path, status) (flask_http_request_duration_seconds_count{telemetry_source="manual"})'
+
+
+class HungListener:
+    """Accepts TCP connections on a port and holds them, reading what arrives and never answering.
+
+    What a collector looks like when it hangs (deadlocked, paused, or behind a network that drops
+    replies): the kernel completes the TCP handshake, so the client's connect succeeds, and then nothing.
+    """
+
+    def __init__(self, port: int):
+        self.port = port
+        self.accepted = 0
+        self.received = b""  # the first bytes, to show what the client tried to say
+        self.bytes_received = 0
+        self._connections: list[socket.socket] = []
+        self._stop = threading.Event()
+        self._server = socket.socket()
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind(("127.0.0.1", port))
+        self._server.listen(64)
+        self._server.setblocking(False)
+        self._thread = threading.Thread(target=self._run, name="hung-collector", daemon=True)
+
+    def start(self) -> HungListener:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._server, selectors.EVENT_READ)
+            while not self._stop.is_set():
+                for key, _ in selector.select(timeout=0.2):
+                    if key.fileobj is self._server:
+                        try:
+                            conn, _ = self._server.accept()
+                        except BlockingIOError:
+                            continue
+                        conn.setblocking(False)
+                        self.accepted += 1
+                        self._connections.append(conn)
+                        selector.register(conn, selectors.EVENT_READ)
+                        continue
+                    try:
+                        data = key.fileobj.recv(65536)
+                    except OSError:
+                        data = b""
+                    if not data:  # the client gave up: forget the socket, keep holding the others
+                        selector.unregister(key.fileobj)
+                        continue
+                    self.bytes_received += len(data)
+                    if len(self.received) < 64:
+                        self.received += data[: 64 - len(self.received)]
+
+    def close(self) -> None:
+        """Stop listening and drop every held connection (the hang ends). Safe to call twice."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        for conn in self._connections:
+            conn.close()
+        self._server.close()
+
+
+# --------------------------------------------------------------------------- A. a collector that hangs
+
+HTTP2_PREFACE = b"PRI * HTTP/2.0"
+
+
+def test_hung_collector_times_out_exports_and_the_app_carries_on(stack):
+    """Real collector, then a listener that accepts and never answers on its port, then the real one again."""
+    seconds, hang_at, replace_at = 42, 10, 30
+    master, workers = gunicorn_processes(stack.app)
+    started = time.time()
+    locust = run_locust(stack.app_url, seconds, USERS, stack.run_dir, background=True)
+    time.sleep(hang_at)
+    stack.collector.process.kill()
+    stack.collector.process.wait()
+    hung = HungListener(stack.ports.otlp_grpc).start()
+    try:
+        hung_since = time.time()
+        span_requests_at_hang = len(stack.tempo_sink.trace_requests)
+        time.sleep(replace_at - hang_at - 2)
+        # Mid-hang: Prometheus has no OTel data (the collector's exporter is gone, the app's exports hang).
+        up_collector = scalar(stack, 'up{job="otel-collector"}')
+        otel_series_during = stack.query(
+            'count(http_server_request_duration_seconds_count{telemetry_source="otel"})')
+        time.sleep(2)
+        span_requests_before_replace = len(stack.tempo_sink.trace_requests)
+    finally:
+        hung.close()
+    replaced = time.time()
+    stack.start_collector()
+    locust.wait(seconds + 60)
+    truth = locust_result(stack.run_dir)
+
+    before = phase(truth["timeline"], started + 3, hung_since)
+    during = phase(truth["timeline"], hung_since, replaced)
+    after = phase(truth["timeline"], replaced + 3, started + seconds)
+    expected = Counter({(row["name"], str(row["status"])): row["count"] for row in truth["sent"]})
+    sent = sum(expected.values())
+    # The SDK's counters are cumulative: once an export gets through, the totals include the hang.
+    recovered = poll(lambda: by_labels(stack.query(OTEL_BY_ROUTE), "http_route", "http_response_status_code")
+                     == expected, 45, f"otel counts equal to locust's {dict(expected)} after the hang", 2)
+    otel_total = scalar(stack, 'sum(http_server_request_duration_seconds_count{telemetry_source="otel"})')
+    recovered_at = time.time()
+    spans = stack.tempo_sink.spans()
+    made_during_hang = [s for s in spans if hung_since <= s.span.start_time_unix_nano / 1e9 < replaced]
+    requests_during_hang = sum(1 for r in truth["timeline"] if hung_since <= r[0] < replaced)
+    log = stack.app.log()
+    failed_exports = re.findall(r"Failed to export (\w+) to [^,]+, error code: StatusCode\.(\w+)", log)
+    print(f"\nhung collector: before {before}\n  hung   {during}\n  after  {after}\n"
+          f"  hung listener: {hung.accepted} connections accepted, {hung.bytes_received} bytes received, "
+          f"first bytes {hung.received[:24]!r}\n"
+          f"  failed exports in the app log {dict(Counter(failed_exports))}\n"
+          f"  during the hang: up{{job=otel-collector}}={up_collector}, OTel series {otel_series_during}, "
+          f"span export requests reaching Tempo {span_requests_before_replace - span_requests_at_hang}\n"
+          f"  requests {sent}, of which {requests_during_hang} during the hang; spans received {len(spans)}, "
+          f"{len(made_during_hang)} of them made during the hang (held in the SDK's queue, sent after); "
+          f"OTel request count {otel_total} ({'exact' if recovered else 'NOT exact'}, "
+          f"{recovered_at - replaced:.0f}s after the real collector returned)")
+
+    assert_unaffected(before, during, after)
+    # The exporters really talked to the hung listener (gRPC over HTTP/2), and gave up on their deadline.
+    assert hung.accepted >= 1 and hung.received.startswith(HTTP2_PREFACE), (hung.accepted, hung.received)
+    # The SDK's exporter logger drops a repeat of the same message within 20 s (DuplicateFilter), and the
+    # traces and metrics failures share one message, so per worker only the first of them is logged.
+    assert any(code == "DEADLINE_EXCEEDED" for _, code in failed_exports), failed_exports
+    # Nothing reached any backend while the collector hung.
+    assert span_requests_before_replace == span_requests_at_hang
+    assert up_collector == 0 and otel_series_during == []
+    # The app is alive, its workers are the same processes (none stuck and killed by gunicorn's timeout).
+    assert stack.app.process.poll() is None and master.is_running()
+    assert {c.pid for c in master.children()} == workers
+    assert "WORKER TIMEOUT" not in log
+    # And the real collector brings every count back.
+    assert recovered, by_labels(stack.query(OTEL_BY_ROUTE), "http_route", "http_response_status_code")
+
+
+# -------------------------------------------------------------- A. a Pyroscope whose name does not resolve
+
+UNRESOLVABLE_PYROSCOPE = "http://pyroscope.invalid:4040"  # .invalid never resolves (RFC 6761)
+
+
+@pytest.fixture
+def fast_upload_stack(tmp_path):
+    """The native stack with 1 s profile uploads, so a failing upload path runs many times in a test."""
+    stack = NativeStack(tmp_path)
+    stack.app_settings.overrides["PYROSCOPE_UPLOAD_INTERVAL"] = "1"
+    yield stack.up()
+    stack.down()
+
+
+def test_pyroscope_name_that_does_not_resolve_leaves_the_app_unaffected(fast_upload_stack):
+    """What compose gives when the pyroscope container is gone: its name no longer resolves.
+
+    A baseline run with the Pyroscope sink, then the same app restarted with an address that does not
+    resolve, under the same load.
+    """
+    stack = fast_upload_stack
+    baseline_seconds, seconds = 14, 20
+    started = time.time()
+    baseline = run_locust(stack.app_url, baseline_seconds, USERS, stack.run_dir, name="baseline")
+    before = phase(baseline["timeline"], started + 3, started + baseline_seconds)
+
+    stack.app.stop()
+    uploads_before = len(stack.pyroscope_sink.snapshot())  # the stopping workers push what they hold
+    stack.app_settings.pyroscope_address = UNRESOLVABLE_PYROSCOPE
+    stack.start_app()
+    master, workers = gunicorn_processes(stack.app)
+    restarted = time.time()
+    truth = run_locust(stack.app_url, seconds, USERS, stack.run_dir, name="unresolvable")
+    during = phase(truth["timeline"], restarted + 3, restarted + seconds)
+    sent = sum(row["count"] for row in truth["sent"])
+
+    def server_spans_since_restart():
+        return [s for s in stack.tempo_sink.spans()
+                if s.span.kind == 2 and s.span.start_time_unix_nano / 1e9 >= restarted]
+
+    spans = poll(lambda: len(server_spans_since_restart()) >= sent and server_spans_since_restart(), 20,
+                 f"a SERVER span for each of the {sent} requests")
+    log = stack.app.log()
+    warnings = [line for line in log.splitlines() if "WARNING [zerocode.profiling]" in line]
+    agent_lines = Counter(re.sub(r"\d+", "N", line)[:160] for line in log.splitlines()
+                          if "pyroscope" in line.lower() and "[zerocode" not in line)
+    print(f"\npyroscope name unresolvable: baseline {before}\n  unresolvable {during}\n"
+          f"  requests {sent}, server spans received {len(spans or [])}, uploads reaching the sink "
+          f"{len(stack.pyroscope_sink.snapshot()) - uploads_before} (baseline run: {uploads_before})\n"
+          f"  hook warnings {warnings}\n  agent log lines {dict(agent_lines) or 'none'}")
+    assert uploads_before > 0, "the baseline run uploaded no profiles, so the comparison proves nothing"
+    assert len(stack.pyroscope_sink.snapshot()) == uploads_before, "profiles went somewhere they should not"
+    assert_unaffected(before, during)
+    assert spans and len(spans) == sent, "traces stopped flowing when Pyroscope's name stopped resolving"
+    assert any(f"PYROSCOPE_SERVER_ADDRESS={UNRESOLVABLE_PYROSCOPE} is unreachable" in w for w in warnings), warnings
+    assert stack.app.process.poll() is None and {c.pid for c in master.children()} == workers
+    assert "WORKER TIMEOUT" not in log
+
+
+# -------------------------------------------------------------------------------------- B. a flood
+
+FLOOD_SECONDS = 30
+FLOOD_MAX_REQUESTS = 600_000  # far above what 2 cores serve in 30 s: the time bound is the one that acts
+FLOOD_STATUS = {"/": 200, "/health": 200, "/fail": 500}
+
+
+def parse_size(value: str | int) -> int:
+    """A compose byte value (512m, 1g, 1048576) in bytes."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([bkmg]?)b?", str(value).strip().lower())
+    assert match, f"unreadable size {value!r}"
+    return int(float(match[1]) * 1024 ** "bkmg".index(match[2] or "b"))
+
+
+def collector_memory_budget() -> dict:
+    """The collector's memory_limiter limits as they work out in compose: a percentage of its mem_limit."""
+    mem_limit = parse_size(yaml.safe_load(COMPOSE_FILE.read_text())["services"]["otel-collector"]["mem_limit"])
+    limiter = yaml.safe_load(COLLECTOR_CONFIG.read_text())["processors"]["memory_limiter"]
+    return {"mem_limit": mem_limit, "limit": mem_limit * limiter["limit_percentage"] // 100,
+            "spike": mem_limit * limiter["spike_limit_percentage"] // 100}
+
+
+class Sampler:
+    """Every 0.5 s: the collector's RSS, and whether the collector, Prometheus and the app's processes live."""
+
+    def __init__(self, stack: NativeStack, master: psutil.Process, workers: set[int]):
+        self.stack, self.master, self.workers = stack, master, workers
+        self.collector = psutil.Process(stack.collector.process.pid)
+        self.rss: list[int] = []
+        self.deaths: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="sampler", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self.rss.append(self.collector.memory_info().rss)
+            except psutil.Error as exc:
+                self.deaths.append(f"collector: {exc}")
+            for name, managed in (("collector", self.stack.collector), ("prometheus", self.stack.prometheus),
+                                  ("app", self.stack.app)):
+                if managed.process.poll() is not None:
+                    self.deaths.append(f"{name} exited {managed.process.returncode}")
+            try:
+                workers = {c.pid for c in self.master.children()}
+            except psutil.Error as exc:
+                workers = set()
+                self.deaths.append(f"gunicorn master: {exc}")
+            if workers != self.workers:
+                self.deaths.append(f"workers changed: {sorted(self.workers)} -> {sorted(workers)}")
+            if self.deaths:
+                return
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+
+def collector_counters(stack: NativeStack) -> dict[str, int]:
+    """The collector's own refused/failed/dropped counters, as Prometheus scraped them (job otel-collector-internal)."""
+    # Names as the collector (v0.158) exposes them on :8888; a counter appears once it is not 0.
+    result = stack.query('{job="otel-collector-internal", __name__=~"otelcol_(receiver_(refused|failed)|'
+                         'exporter_(send|enqueue)_failed|processor_memory_limiter_refused|processor_refused|'
+                         'processor_dropped|connector_servicegraph_dropped)_.*"}')
+    totals: Counter = Counter()
+    for series in result:
+        totals[series["metric"]["__name__"]] += int(float(series["value"][1]))
+    return dict(totals)
+
+
+@pytest.fixture
+def compose_limited_stack(tmp_path, monkeypatch):
+    """The native stack, with the collector's memory_limiter at the limits compose would give it.
+
+    In compose, limit_percentage applies to the container's mem_limit (512m); a native process has no
+    cgroup limit, so the percentage would be of the whole machine. The same limits in MiB make the
+    native collector refuse data where the compose one would.
+    """
+    budget = collector_memory_budget()
+    original = native.collector_overlay
+
+    def with_compose_limits(ports):
+        overlay = original(ports)
+        overlay.setdefault("processors", {})["memory_limiter"] = {
+            "limit_mib": budget["limit"] // 2**20, "spike_limit_mib": budget["spike"] // 2**20}
+        return overlay
+
+    monkeypatch.setattr(native, "collector_overlay", with_compose_limits)
+    stack = NativeStack(tmp_path).up()
+    yield stack, budget
+    stack.down()
+
+
+def test_flood_the_pipeline_answers_right_stays_in_budget_and_counts_recover(compose_limited_stack):
+    stack, budget = compose_limited_stack
+    master, workers = gunicorn_processes(stack.app)
+    out = stack.run_dir / "flood.json"
+    with Sampler(stack, master, workers) as sampler:
+        flood = subprocess.run(
+            [sys.executable, "-m", "tooling.flood", stack.app_url, "--seconds", str(FLOOD_SECONDS),
+             "--max-requests", str(FLOOD_MAX_REQUESTS), "--json", str(out)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=FLOOD_SECONDS + 60)
+        assert flood.returncode == 0, flood.stderr[-3000:]
+        from tooling.flood import FloodResult
+
+        result = FloodResult.from_json(json.loads(out.read_text()))
+        sent = Counter({(path, str(status)): n for (path, status), n in result.counts.items()})
+
+        # Exact again once the flood is over: cumulative OTel counters and the app's own counters.
+        def counts():
+            return (by_labels(stack.query(OTEL_BY_ROUTE), "http_route", "http_response_status_code"),
+                    by_labels(stack.query(MANUAL_BY_PATH), "path", "status"))
+
+        def explained(seen: Counter) -> bool:
+            # An answer that never arrived may still have been served and counted, and only that.
+            return all(0 <= seen[key] - sent[key] <= result.unanswered[key[0]] for key in sent | seen)
+
+        flood_ended = time.monotonic()
+        recovered = poll(lambda: all(explained(c) for c in counts()), 60,
+                         f"otel and manual counts explained by what the flood sent, {dict(sent)}", 2)
+        recovery_seconds = time.monotonic() - flood_ended
+        otel, manual = counts()
+    spans = stack.tempo_sink.spans()
+    server_spans = sum(1 for s in spans if s.span.kind == 2)
+    counters = collector_counters(stack)
+    peak = max(sampler.rss)
+    unexpected = {k: n for k, n in result.counts.items() if FLOOD_STATUS.get(k[0]) != k[1]}
+    print(f"\nflood: {result.answered} answers in {result.seconds:.1f}s = {result.rate:.0f} req/s "
+          f"({result.attempts} attempts, bound {FLOOD_MAX_REQUESTS}); by path/status {dict(result.counts)}; "
+          f"transport errors {dict(result.errors) or 0} (after sending: {sum(result.unanswered.values())}); "
+          f"answers per second min {min(result.per_second[:FLOOD_SECONDS] or [0])} "
+          f"max {max(result.per_second or [0])}\n"
+          f"  collector RSS peak {peak / 2**20:.0f} MiB over {len(sampler.rss)} samples vs memory_limiter "
+          f"limit {budget['limit'] / 2**20:.0f} MiB ({budget['mem_limit'] / 2**20:.0f} MiB mem_limit); "
+          f"deaths {sampler.deaths or 'none'}\n"
+          f"  otel {dict(otel)}\n  manual {dict(manual)}\n  counts {'exact' if recovered else 'NOT exact'} "
+          f"{recovery_seconds:.0f}s after the flood; "
+          f"server spans received by the Tempo sink {server_spans} of {result.answered} requests "
+          f"({result.answered - server_spans} missing); collector refused/failed counters {counters or 'all 0'}")
+
+    assert result.answered > 1000, "the flood hardly ran"
+    assert not unexpected, f"answers with an unexpected status: {unexpected}"
+    # Throughout: no second of the run (the last one is partial) went without answers.
+    assert len(result.per_second) >= FLOOD_SECONDS and min(result.per_second[:FLOOD_SECONDS]) > 0, \
+        result.per_second
+    # A healthy server under overload queues connections; it does not reset or drop them.
+    assert sum(result.errors.values()) <= 0.001 * result.attempts, result.errors
+    assert not sampler.deaths, sampler.deaths
+    assert len(sampler.rss) >= 2 * FLOOD_SECONDS - 5
+    assert peak < budget["limit"], f"collector RSS {peak} over its limit {budget['limit']}"
+    assert recovered, f"counts did not recover: sent {dict(sent)}, collector counters {counters}"
+    assert server_spans <= result.answered + sum(result.unanswered.values())

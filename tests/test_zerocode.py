@@ -11,10 +11,10 @@ import psutil
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-
 from zerocode import profiling
-from zerocode.native import AppSettings, poll, start_app
-from zerocode.sinks import OtlpSink, PyroscopeSink
+
+from tooling.native import AppSettings, poll, start_app
+from tooling.sinks import OtlpSink, PyroscopeSink
 
 SERVER = 2  # opentelemetry.proto.trace.v1.Span.SPAN_KIND_SERVER
 STATUS_ERROR = 2
@@ -70,6 +70,95 @@ def test_unreachable_server_is_a_warning_naming_the_setting(caplog):
                for r in caplog.records)
 
 
+# ------------------------------------------------------------------ handled exceptions (flask_errors)
+
+class _Conflict(Exception):
+    """A domain error that a handler deliberately answers with a 400."""
+
+
+def _tiny_app():
+    """Not the dice API: an app whose handler maps one exception to 400 and the rest to 500."""
+    import flask
+    from werkzeug.exceptions import HTTPException
+
+    tiny = flask.Flask("tiny")
+
+    @tiny.route("/conflict")
+    def conflict():
+        raise _Conflict("already rolled")
+
+    @tiny.route("/boom")
+    def boom():
+        raise RuntimeError("broken")
+
+    @tiny.route("/ok")
+    def ok():
+        return "fine"
+
+    @tiny.errorhandler(_Conflict)
+    def bad_request(error):
+        return {"error": str(error)}, 400
+
+    @tiny.errorhandler(Exception)
+    def internal(error):
+        return error if isinstance(error, HTTPException) else ({"error": "internal"}, 500)
+
+    return tiny
+
+
+@pytest.fixture
+def traced_tiny_app(monkeypatch):
+    """The tiny app under the real Flask instrumentor and our hook, exporting to memory."""
+    import flask
+    from opentelemetry.instrumentation.flask import FlaskInstrumentor
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from zerocode import flask_errors
+
+    # The hook patches the Flask class; monkeypatch puts the original back after the test.
+    monkeypatch.setattr(flask.Flask, "handle_user_exception", flask.Flask.handle_user_exception)
+    assert flask_errors.instrument() is True
+    assert flask_errors.instrument() is False, "a second call must not wrap twice"
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tiny = _tiny_app()
+    FlaskInstrumentor().instrument_app(tiny, tracer_provider=provider)
+    yield tiny.test_client(), exporter
+    FlaskInstrumentor.uninstrument_app(tiny)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path, status, exception_type, span_status", [
+    # Handled and answered 4xx: the exception is recorded, but the request did not fail.
+    ("/conflict", 400, "_Conflict", "UNSET"),
+    # Handled and answered 500: ERROR comes from the instrumentation's 5xx rule, with one event.
+    ("/boom", 500, "RuntimeError", "ERROR"),
+    # HTTP errors are answers, not exceptions to record.
+    ("/no-such-page", 404, None, "UNSET"),
+    ("/ok", 200, None, "UNSET"),
+])
+def test_handled_exception_is_an_event_and_the_status_follows_the_http_answer(
+        traced_tiny_app, path, status, exception_type, span_status):
+    from opentelemetry.trace import SpanKind, StatusCode
+
+    client, exporter = traced_tiny_app
+    assert client.get(path).status_code == status
+    spans = exporter.get_finished_spans()
+    assert len(spans) == 1 and spans[0].kind == SpanKind.SERVER
+    span = spans[0]
+    events = [e for e in span.events if e.name == "exception"]
+    print(f"\n{path}: {status}, span status {span.status.status_code.name}, "
+          f"exception events {[e.attributes['exception.type'] for e in events]}")
+    assert span.status.status_code == StatusCode[span_status]
+    if exception_type is None:
+        assert events == []
+    else:
+        # The SDK qualifies non-builtin types with their module (test_zerocode._Conflict).
+        assert len(events) == 1 and events[0].attributes["exception.type"].rsplit(".", 1)[-1] == exception_type
+
+
 # --------------------------------------------------------------------------- the real app, 2 workers
 
 SENT_MIX = {"/": 150, "/health": 30, "/fail": 20, "/no-such-page": 10}
@@ -100,7 +189,8 @@ def served(log_dir):
 
     try:
         master = psutil.Process(app.process.pid)
-        workers = poll(lambda: [p.pid for p in master.children()] if len(master.children()) == 2 else None, 20)
+        workers = poll(lambda: [p.pid for p in master.children()] if len(master.children()) == 2 else None, 20,
+                       "two gunicorn workers")
         assert workers and len(workers) == 2, f"expected 2 gunicorn workers, found {workers}"
         send([p for p, n in SENT_MIX.items() for _ in range(n)])
         scrape = requests.get(settings.url + "/metrics", timeout=10).text  # must not count as traffic
@@ -115,12 +205,14 @@ def served(log_dir):
             send(["/"] * 40)  # short views need more samples; every extra request is counted
             return None
 
-        stacks = poll(every_worker_profiled_the_view, timeout=60, interval=1.5)
+        stacks = poll(every_worker_profiled_the_view, 60, "a profile of the view from every worker", interval=1.5)
         manual = requests.get(settings.url + "/metrics", timeout=10).text
         expected = {(ROUTE[p], EXPECTED_STATUS[p]): n for p, n in sent.items()}
         poll(lambda: otlp.latest_cumulative_counts(
-            "http.server.request.duration", ("http.route", "http.response.status_code")) == expected, 20)
-        poll(lambda: len([s for s in otlp.spans() if s.span.kind == SERVER]) >= sum(sent.values()), 20)
+            "http.server.request.duration", ("http.route", "http.response.status_code")) == expected, 20,
+             "the SDK's request-duration counts equal to what was sent")
+        poll(lambda: len([s for s in otlp.spans() if s.span.kind == SERVER]) >= sum(sent.values()), 20,
+             "a SERVER span per request")
     finally:
         app.stop()
         otlp.stop()
@@ -212,3 +304,9 @@ def test_profile_span_ids_match_exported_root_spans(served):
     print(f"\nroot spans {len(roots)}; span ids in profiles {len(labelled)}, matched {len(labelled & profile_ids)}")
     assert labelled, "no profile sample carried a span_id label"
     assert labelled <= profile_ids, labelled - profile_ids
+
+
+@pytest.mark.integration
+def test_no_logs_are_exported_while_the_collector_has_no_logs_pipeline(served):
+    # app/app.env sets OTEL_LOGS_EXPORTER=none; the distro's default (otlp) would send every log record.
+    assert served["otlp"].log_requests == []

@@ -6,7 +6,7 @@ OpenTelemetry Collector Builder from ``otel-collector/builder-config.yaml``. The
 under ``.cache/otelcol/<version>-<manifest hash>/`` so any edit of the manifest gets a fresh build,
 and an unchanged manifest costs nothing after the first build (several minutes on 2 cores).
 
-``python -m zerocode.collector`` prints the path of the binary, building it if needed.
+``python -m tooling.collector`` prints the path of the binary, building it if needed.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from zerocode.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
+from tooling.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = REPO_ROOT / "otel-collector" / "builder-config.yaml"

@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zerocode.envfile import APP_ENV, load_env_file
+from tooling.envfile import APP_ENV, load_env_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_DIR = REPO_ROOT / "app"
@@ -115,6 +115,9 @@ class AppSettings:
     otlp_endpoint: str = "http://127.0.0.1:4317"
     pyroscope_address: str | None = None
     overrides: dict[str, str] = field(default_factory=dict)
+    # False runs the owners' command alone (`gunicorn -c gunicorn.conf.py`): the app with its own
+    # metrics only, the baseline of the cost benchmark.
+    instrumented: bool = True
 
     @property
     def url(self) -> str:
@@ -145,11 +148,8 @@ def start_app(settings: AppSettings, log_dir: Path, timeout: float = 30.0,
     log_dir.mkdir(parents=True, exist_ok=True)
     multiproc_dir = multiproc_dir or Path(tempfile.mkdtemp(prefix="dice-multiproc-", dir=log_dir))
     env = app_environment(settings, multiproc_dir)
-    managed = spawn(
-        "app",
-        [str(VENV_BIN / "opentelemetry-instrument"), str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py"],
-        env, APP_DIR, log_dir,
-    )
+    launcher = [str(VENV_BIN / "opentelemetry-instrument")] if settings.instrumented else []
+    managed = spawn("app", [*launcher, str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py"], env, APP_DIR, log_dir)
     try:
         # A TCP probe, not GET /health: tests count every request the app serves.
         wait_tcp("127.0.0.1", settings.port, timeout, managed.process)
@@ -257,12 +257,12 @@ class NativeStack:
     The sinks run in this process (`tempo_sink`, `pyroscope_sink`) so callers can inspect what arrived.
     """
 
-    def __init__(self, run_dir: Path, ports: StackPorts | None = None):
-        from zerocode.sinks import OtlpSink, PyroscopeSink
+    def __init__(self, run_dir: Path, ports: StackPorts | None = None, keep_traces: bool = True):
+        from tooling.sinks import OtlpSink, PyroscopeSink
 
         self.run_dir = run_dir
         self.ports = ports or StackPorts.free()
-        self.tempo_sink = OtlpSink(port=self.ports.tempo_sink)
+        self.tempo_sink = OtlpSink(port=self.ports.tempo_sink, keep=keep_traces)
         self.pyroscope_sink = PyroscopeSink(port=self.ports.pyroscope_sink)
         self.app_settings = AppSettings(
             port=self.ports.app, otlp_endpoint=f"http://127.0.0.1:{self.ports.otlp_grpc}",
@@ -290,7 +290,7 @@ class NativeStack:
     def start_collector(self) -> Managed:
         import yaml
 
-        from zerocode.collector import collector_binary
+        from tooling.collector import collector_binary
 
         overlay = self.run_dir / "otel-collector-overlay.yaml"
         overlay.write_text(yaml.safe_dump(collector_overlay(self.ports), sort_keys=False))
@@ -302,7 +302,7 @@ class NativeStack:
         return self.collector
 
     def start_prometheus(self) -> Managed:
-        from zerocode.prometheus_build import prometheus_binaries
+        from tooling.prometheus_build import prometheus_binaries
 
         # The compose image's version, built from its Go module; PROMETHEUS_BIN runs another one instead.
         binary = os.environ.get("PROMETHEUS_BIN") or str(prometheus_binaries()[0])
@@ -322,7 +322,7 @@ class NativeStack:
         return self.run_dir / "app-multiproc"
 
     def start_app(self) -> Managed:
-        from zerocode.healthcheck import HealthProbe
+        from tooling.healthcheck import HealthProbe
 
         self.app = start_app(self.app_settings, self.run_dir, multiproc_dir=self.app_multiproc_dir)
         # The image's HEALTHCHECK, run on its schedule as Docker would, so that every count the tests
@@ -380,6 +380,13 @@ def prometheus_query(base_url: str, expr: str, path: str = "query", **params) ->
     if body.get("status") != "success":
         raise ValueError(f"{expr!r}: {body.get('errorType')}: {body.get('error')}")
     return body["data"]["result"] if path == "query" else body["data"]
+
+
+def by_labels(result: list, *labels: str):
+    """A query result as a Counter keyed by the values of `labels` (None where a series lacks one)."""
+    from collections import Counter
+
+    return Counter({tuple(r["metric"].get(label) for label in labels): int(float(r["value"][1])) for r in result})
 
 
 LOCUSTFILE = REPO_ROOT / "locustfile.py"
@@ -459,7 +466,7 @@ def _up() -> int:
     STATE_DIR.mkdir(exist_ok=True)
     URLS_FILE.unlink(missing_ok=True)
     with open(STATE_DIR / "native.log", "wb") as log:
-        process = subprocess.Popen([sys.executable, "-m", "zerocode.native", "serve"], cwd=REPO_ROOT,
+        process = subprocess.Popen([sys.executable, "-m", "tooling.native", "serve"], cwd=REPO_ROOT,
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     PID_FILE.write_text(str(process.pid))
     deadline = time.monotonic() + 120
@@ -501,5 +508,5 @@ def _down() -> int:
 if __name__ == "__main__":
     commands = {"up": _up, "down": _down, "serve": _serve}
     if len(sys.argv) != 2 or sys.argv[1] not in commands:
-        sys.exit(f"usage: python -m zerocode.native {{{'|'.join(commands)}}}")
+        sys.exit(f"usage: python -m tooling.native {{{'|'.join(commands)}}}")
     sys.exit(commands[sys.argv[1]]())

@@ -70,8 +70,12 @@ class HistogramPoint:
 class OtlpSink:
     """An OTLP/gRPC endpoint (traces, metrics, logs) that keeps every request it is sent."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, keep: bool = True):
         self._lock = threading.Lock()
+        # keep=False only counts spans, for long runs (the benchmark) where keeping every request would
+        # grow without bound.
+        self.keep = keep
+        self.span_count = 0
         self.trace_requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
         self.metric_requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
         self.log_requests: list[logs_service_pb2.ExportLogsServiceRequest] = []
@@ -101,7 +105,10 @@ class OtlpSink:
 
     def _keep(self, bucket: list, request) -> None:
         with self._lock:
-            bucket.append(request)
+            if self.keep:
+                bucket.append(request)
+            if isinstance(request, trace_service_pb2.ExportTraceServiceRequest):
+                self.span_count += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
 
     def start(self) -> OtlpSink:
         self._server.start()
@@ -248,6 +255,17 @@ class ProfileUpload:
                     names = result.setdefault(self._string(label.str), set())
                     for location_id in sample.location_id:
                         names.update(locations.get(location_id, ()))
+        return result
+
+    def stacks(self) -> list[tuple[list[str], int]]:
+        """Every sample as (frames from the root down, value); frames are "function (file:line)"."""
+        functions = {f.id: (self._string(f.name), self._string(f.filename)) for f in self.profile.function}
+        locations = {loc.id: [functions[line.function_id] for line in loc.line] for loc in self.profile.location}
+        result = []
+        for sample in self.profile.sample:
+            frames = [f"{name} ({filename})" for location_id in reversed(sample.location_id)
+                      for name, filename in reversed(locations.get(location_id, []))]
+            result.append((frames, sample.value[0] if sample.value else 0))
         return result
 
     def sample_labels(self, key: str) -> set[str]:

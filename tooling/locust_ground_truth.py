@@ -1,6 +1,6 @@
 """A locust plugin that records what the load generator actually sent, per request name and status.
 
-Load it beside the scenario: `locust -f locustfile.py,zerocode/locust_ground_truth.py ...`. When locust
+Load it beside the scenario: `locust -f locustfile.py,tooling/locust_ground_truth.py ...`. When locust
 quits it writes {"sent": [{"method", "name", "status", "count"}, ...], "locust_totals", "timeline"} to
 $LOCUST_GROUND_TRUTH_FILE. Locust's own
 stats count requests and failures per name; this keeps the status code too, which the telemetry is keyed by.

@@ -1,4 +1,4 @@
-"""What the Go builds of zerocode.collector and zerocode.prometheus_build share.
+"""What the Go builds of tooling.collector and tooling.prometheus_build share.
 
 Both compile official Go modules into `.cache/`, in a private work directory whose log survives a
 failure, and move a binary into the cache only once it is complete, so an interrupted or concurrent

@@ -12,7 +12,7 @@ directives, which Go only honours in the main module. So the build runs in a thr
 module whose go.mod is generated from Prometheus's own (its `go`, `exclude`, `replace` and `godebug`
 lines), and resolves every dependency to the version Prometheus itself was released with.
 
-``python -m zerocode.prometheus_build`` prints the paths of both binaries, building them if needed.
+``python -m tooling.prometheus_build`` prints the paths of both binaries, building them if needed.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from zerocode.envfile import load_env_file
-from zerocode.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
+from tooling.envfile import load_env_file
+from tooling.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = REPO_ROOT / ".env"

@@ -4,6 +4,11 @@ The OTel Flask instrumentation records an exception only when it escapes the app
 real apps, has a catch-all `@app.errorhandler(Exception)` that turns failures into a JSON 500, so the span
 would say ERROR but not why. Wrapping `Flask.handle_user_exception` from outside adds the exception event
 (`exception.type`, `exception.message`, `exception.stacktrace`) without touching the app.
+
+Only the event is added; the span's status is left to the instrumentation, which derives it from the
+HTTP status the handler finally answers (on a SERVER span: 5xx is ERROR, anything else stays unset). An
+exception that a handler deliberately turns into a 400 or a 409 is thus recorded, but the request is not
+marked as failed, and a 500 is ERROR because it is a 500, whatever raised it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,6 @@ _WRAPPED_FLAG = "_zerocode_records_exceptions"
 def instrument() -> bool:
     import flask
     from opentelemetry import trace
-    from opentelemetry.trace import Status, StatusCode
     from werkzeug.exceptions import HTTPException
 
     original = flask.Flask.handle_user_exception
@@ -33,7 +37,6 @@ def instrument() -> bool:
             span = trace.get_current_span()
             if span.is_recording():
                 span.record_exception(e)
-                span.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"))
         return original(self, e)
 
     setattr(handle_user_exception, _WRAPPED_FLAG, True)
