@@ -328,7 +328,7 @@ def settle(prometheus: str, before: Snapshot, sent_total: int, timeout: float) -
 
 
 def run(args) -> dict:
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     stack = None
     if args.prometheus:

@@ -260,7 +260,7 @@ class NativeStack:
     def __init__(self, run_dir: Path, ports: StackPorts | None = None, keep_traces: bool = True):
         from tooling.sinks import OtlpSink, PyroscopeSink
 
-        self.run_dir = run_dir
+        self.run_dir = run_dir.resolve()  # children run with it as cwd, so relative paths would break
         self.ports = ports or StackPorts.free()
         self.tempo_sink = OtlpSink(port=self.ports.tempo_sink, keep=keep_traces)
         self.pyroscope_sink = PyroscopeSink(port=self.ports.pyroscope_sink)
@@ -403,6 +403,7 @@ def run_locust(host: str, seconds: int | None, users: int, run_dir: Path, name: 
     With otlp_endpoint, locust runs with `--otel` and locust/locust.env, as compose runs it, exporting
     there. With background=True the process is returned; call `locust_result(run_dir, name)` after it ends.
     """
+    run_dir = run_dir.resolve()  # locust runs with it as cwd
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     if otlp_endpoint:
         env.update(load_env_file(LOCUST_ENV), OTEL_EXPORTER_OTLP_ENDPOINT=otlp_endpoint)
