@@ -41,6 +41,10 @@ DURATION ?= 60
 compare: $(STAMP) collector prometheus ## run a load scenario and compare every source with what locust sent (SCENARIO=, DURATION=)
 	$(PY) -m tooling.compare --scenario $(SCENARIO) --duration $(DURATION) $(COMPARE_ARGS)
 
+bench: $(STAMP) collector prometheus ## what observing costs: every mode side by side, about 10 minutes (needs wrk)
+	@command -v wrk >/dev/null || { echo "make bench needs wrk, the closed-loop load generator: sudo apt-get install wrk"; exit 1; }
+	$(PY) -m tooling.bench $(BENCH_ARGS)
+
 up: ## start the whole stack in Docker and wait until it is healthy
 	docker compose up -d --wait
 
@@ -53,4 +57,4 @@ e2e: $(STAMP) ## only the docker tier (needs a Docker engine)
 clean: ## remove the venv and cached builds
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: help venv collector prometheus test lint native-up native-down compare up down e2e clean
+.PHONY: help venv collector prometheus test lint native-up native-down compare bench up down e2e clean

@@ -222,8 +222,11 @@ def test_every_mounted_file_exists(services):
     for name, service in services.items():
         for source, _ in bind_mounts(service):
             assert (REPO_ROOT / source).exists(), f"{name}: mounts {source}, which does not exist"
-        for env_file in [service["env_file"]] if isinstance(service.get("env_file"), str) else []:
-            assert (REPO_ROOT / env_file).is_file(), f"{name}: env_file {env_file} is missing"
+        env_files = service.get("env_file", [])
+        for env_file in [env_files] if isinstance(env_files, str) else env_files:
+            for path in [env_file.replace("${APP_PROFILE:?APP_PROFILE is set in .env}", profile)
+                         for profile in ("full", "lean")]:
+                assert (REPO_ROOT / path).is_file(), f"{name}: env_file {path} is missing"
         build = service.get("build")
         if build:
             assert (REPO_ROOT / build["context"] / build["dockerfile"]).is_file()

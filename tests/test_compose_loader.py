@@ -108,6 +108,7 @@ def test_the_app_gets_its_environment_from_app_env(project):
     assert "env_file" not in app  # resolved into `environment`, as `docker compose config` shows it
     assert app["environment"]["OTEL_SERVICE_NAME"] == "dice-api"
     expected = load_env_file(REPO_ROOT / "app" / "app.env")
+    expected.update(load_env_file(REPO_ROOT / "app" / f"profile-{dotenv()['APP_PROFILE']}.env"))
     differing = {key: (value, app["environment"].get(key)) for key, value in expected.items()
                  if app["environment"].get(key) != value}
     assert not differing, f"app.env as we read it vs as Compose passes it: {differing}"
@@ -272,3 +273,13 @@ def test_a_missing_port_variable_stops_compose_naming_it(project_copy):
     env_file.write_text("\n".join(kept) + "\n")
     with pytest.raises(ComposeConfigError, match="required variable TEMPO_PORT is missing"):
         compose_config(project_copy)
+
+
+def test_the_lean_profile_is_one_variable_away(project):
+    # README, "What observing costs": APP_PROFILE=lean puts app/profile-lean.env over app/app.env.
+    assert project["services"]["app"]["environment"].get("OTEL_TRACES_SAMPLER") is None  # full: nothing added
+    lean = compose_config(env={"APP_PROFILE": "lean"})["services"]["app"]["environment"]
+    for key, value in load_env_file(REPO_ROOT / "app" / "profile-lean.env").items():
+        assert lean[key] == value, key
+    assert lean["OTEL_SERVICE_NAME"] == "dice-api", "the profile adds to app.env, it does not replace it"
+

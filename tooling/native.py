@@ -17,7 +17,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tooling.envfile import APP_ENV, load_env_file
+from tooling.envfile import APP_ENV, DOTENV, load_env_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_DIR = REPO_ROOT / "app"
@@ -127,6 +127,9 @@ class AppSettings:
 def app_environment(settings: AppSettings, multiproc_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PYROSCOPE_", "GUNICORN_"))}
     env.update(load_env_file(APP_ENV))
+    # The cost profile compose loads after app.env (APP_PROFILE in .env, or this process's environment).
+    profile = os.environ.get("APP_PROFILE") or load_env_file(DOTENV)["APP_PROFILE"]
+    env.update(load_env_file(APP_DIR / f"profile-{profile}.env"))
     env.update(
         BIND_HOST="127.0.0.1",
         PORT=str(settings.port),
