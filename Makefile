@@ -24,13 +24,19 @@ collector: $(STAMP) ## build (once, cached in .cache/) the OTel Collector from o
 prometheus: $(STAMP) ## build Prometheus and promtool (compose version) from the Go module, cached in .cache/
 	$(PY) -m tooling.prometheus_build
 
-test: $(STAMP) collector prometheus ## run every test tier (the docker tier skips itself, saying why, without Docker)
+alertmanager: $(STAMP) ## build Alertmanager and amtool (compose version) from the Go module, cached in .cache/
+	$(PY) -m tooling.alertmanager_build
+
+sloth: $(STAMP) ## build (once, cached in .cache/) Sloth, the SLO rule generator (prometheus/slo/ -> rules/dice-slo.yaml)
+	$(PY) -m tooling.sloth_build
+
+test: $(STAMP) collector prometheus alertmanager sloth ## run every test tier (the docker tier skips itself, saying why, without Docker)
 	$(PY) -m pytest
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 
-native-up: $(STAMP) collector prometheus ## run collector, Prometheus and the app here, no Docker (Tempo/Pyroscope are sinks)
+native-up: $(STAMP) collector prometheus alertmanager ## run collector, Prometheus, Alertmanager and the app here, no Docker (Tempo/Pyroscope are sinks)
 	$(PY) -m tooling.native up
 
 native-down: ## stop what native-up started
@@ -38,7 +44,7 @@ native-down: ## stop what native-up started
 
 SCENARIO ?= steady
 DURATION ?= 60
-compare: $(STAMP) collector prometheus ## run a load scenario and compare every source with what locust sent (SCENARIO=, DURATION=)
+compare: $(STAMP) collector prometheus alertmanager ## run a load scenario and compare every source with what locust sent (SCENARIO=, DURATION=)
 	$(PY) -m tooling.compare --scenario $(SCENARIO) --duration $(DURATION) $(COMPARE_ARGS)
 
 bench: $(STAMP) collector prometheus ## what observing costs: every mode side by side, about 10 minutes (needs wrk)
@@ -57,4 +63,4 @@ e2e: $(STAMP) ## only the docker tier (needs a Docker engine)
 clean: ## remove the venv and cached builds
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: help venv collector prometheus test lint native-up native-down compare bench up down e2e clean
+.PHONY: help venv collector prometheus alertmanager sloth test lint native-up native-down compare bench up down e2e clean

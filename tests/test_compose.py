@@ -45,7 +45,8 @@ NO_HEALTHCHECK = {
 }
 
 # Where each backend keeps its data (the images' data directories).
-DATA_DIRS = {"prometheus": "/prometheus", "tempo": "/var/tempo", "pyroscope": "/data", "grafana": "/var/lib/grafana"}
+DATA_DIRS = {"prometheus": "/prometheus", "alertmanager": "/alertmanager", "tempo": "/var/tempo", "pyroscope": "/data",
+             "grafana": "/var/lib/grafana"}
 
 
 def check_jsonschema(path) -> subprocess.CompletedProcess:

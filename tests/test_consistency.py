@@ -98,6 +98,7 @@ def test_every_address_in_the_configs_is_provided_by_a_service(services):
     assert {
         "app/app.env",
         "prometheus/prometheus-config.yaml",
+        "alertmanager/alertmanager-config.yaml",
         "otel-collector/otel-collector-config.yaml",
         "grafana/provisioning/datasources/datasources.yaml",
         "tempo/tempo-config.yaml",
@@ -214,6 +215,7 @@ def test_the_native_stack_listens_on_the_default_host_ports():
     env = dotenv()
     assert int(env["APP_PORT"]) == fixed.app
     assert int(env["PROMETHEUS_PORT"]) == fixed.prometheus
+    assert int(env["ALERTMANAGER_PORT"]) == fixed.alertmanager
     assert int(env["OTEL_COLLECTOR_METRICS_PORT"]) == fixed.collector_metrics
     assert int(env["BEYLA_PORT"]) == fixed.beyla
     assert int(env["PYROSCOPE_PORT"]) == fixed.pyroscope_sink

@@ -27,6 +27,7 @@ EXPECTED_DATASOURCES = {
     "prometheus": "prometheus",
     "tempo": "tempo",
     "pyroscope": "grafana-pyroscope-datasource",
+    "alertmanager": "alertmanager",
 }
 CPU_PROFILE = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
 
@@ -143,6 +144,17 @@ def test_traces_link_to_metrics_and_service_map():
     assert {"key": "service.name", "value": "service_name"} in json_data["tracesToMetrics"]["tags"]
     assert json_data["serviceMap"]["datasourceUid"] == "prometheus"
     assert json_data["nodeGraph"]["enabled"] is True
+
+
+@pytest.mark.unit
+def test_alertmanager_is_the_one_prometheus_sends_to():
+    alertmanager = datasources()["alertmanager"]
+    prometheus = yaml.safe_load((REPO_ROOT / "prometheus" / "prometheus-config.yaml").read_text())
+    (target,) = prometheus["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"]
+    assert alertmanager["url"] == f"http://{target}"
+    # Prometheus's Alertmanager, not Mimir's (Grafana's default), which has other API paths; and
+    # Grafana's own alert rules are not routed into it.
+    assert alertmanager["jsonData"] == {"implementation": "prometheus", "handleGrafanaManagedAlerts": False}
 
 
 @pytest.mark.unit

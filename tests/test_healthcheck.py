@@ -21,14 +21,9 @@ from tooling.healthcheck import (
     parse_duration,
     parse_healthcheck,
 )
+from tooling.native import free_port
 
 pytestmark = pytest.mark.unit
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def dockerfile(tmp_path: Path, text: str) -> Path:

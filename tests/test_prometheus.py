@@ -7,6 +7,7 @@ Debian's promtool 2.42, if installed, is checked once as well, for users who run
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -23,6 +24,10 @@ PROM_DIR = REPO_ROOT / "prometheus"
 CONFIG = PROM_DIR / "prometheus-config.yaml"
 RULES = sorted((PROM_DIR / "rules").glob("*.yaml"))
 RULES_TEST = REPO_ROOT / "tests" / "data" / "prometheus-rules.test.yaml"
+# promtool unit tests of the alert rules (dice-alerts.yaml, and dice-slo.yaml that Sloth generates).
+ALERT_TESTS = sorted(set((REPO_ROOT / "tests" / "data").glob("*.test.yaml")) - {RULES_TEST})
+README = REPO_ROOT / "README.md"
+SEVERITIES = {"page", "ticket", "info"}
 
 # Which scrape job is which source; the label is what dashboards and rules select on.
 SOURCES = {"app": "manual", "beyla": "ebpf", "otel-collector": "otel"}
@@ -109,6 +114,34 @@ def test_rule_test_catches_a_wrong_rule(promtool, tmp_path):
     assert result.returncode != 0
     # A failed expectation, not a file that promtool could not load.
     assert "FAILED:" in result.stderr and "round(dice:http_requests:rate1m" in result.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("test_file", ALERT_TESTS, ids=lambda path: path.name)
+def test_alert_rules_fire_and_stay_quiet_as_their_unit_tests_say(promtool, test_file):
+    result = promtool("test", "rules", str(test_file))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("rules, old, new, failing_case", [
+    # The drift tolerance loosened from 10 % to 20 %: the 11 % case no longer fires.
+    ("dice-alerts.yaml", ") > 0.1\n", ") > 0.2\n", "otel counts 11 % less"),
+    # The fastest page factor lowered from 14.4x to 14x: the case just under 14.4x now pages.
+    ("dice-slo.yaml", "(14.4 * 0.005)", "(14 * 0.005)", "availability: page 14.4x, just below"),
+])
+def test_alert_unit_tests_catch_a_wrong_threshold(promtool, tmp_path, rules, old, new, failing_case):
+    """Negative control: the unit tests fail, naming the edge case, against rules with a threshold moved."""
+    original = (PROM_DIR / "rules" / rules).read_text()
+    assert old in original
+    (tmp_path / rules).write_text(original.replace(old, new))
+    (test_file,) = [t for t in ALERT_TESTS if rules in yaml.safe_load(t.read_text())["rule_files"][0]]
+    spec = yaml.safe_load(test_file.read_text())
+    spec["rule_files"] = [str(tmp_path / rules)]
+    (tmp_path / "test.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    result = promtool("test", "rules", str(tmp_path / "test.yaml"))
+    assert result.returncode != 0
+    assert "FAILED:" in result.stderr and failing_case in result.stderr, result.stderr[-3000:]
 
 
 @pytest.mark.integration
@@ -277,3 +310,76 @@ def test_no_scraped_label_can_pass_for_another_source():
             # telemetry_source itself.
             assert rules and rules[0] == {"target_label": "telemetry_source", "replacement": source}, name
             assert all(r.get("source_labels") == ["job"] for r in rules[1:]), name
+
+
+# -------------------------------------------------------------------------------------------- alerts
+
+
+def alert_rules() -> list[tuple[str, dict]]:
+    """(rule file name, rule) of every alerting rule in prometheus/rules/."""
+    return [(path.name, rule) for path in RULES for group in yaml.safe_load(path.read_text())["groups"]
+            for rule in group["rules"] if "alert" in rule]
+
+
+def alert_unit_tests() -> list[tuple[set[str], dict]]:
+    """(rule files the test loads, alert_rule_test entry) of every promtool unit test in tests/data/."""
+    found = []
+    for test_file in ALERT_TESTS + [RULES_TEST]:
+        spec = yaml.safe_load(test_file.read_text())
+        loads = {Path(name).name for name in spec.get("rule_files", [])}
+        for group in spec["tests"]:
+            found += [(loads, case) for case in group.get("alert_rule_test") or []]
+    return found
+
+
+@pytest.mark.unit
+def test_alerts_were_found():
+    assert len(alert_rules()) >= 10 and len(ALERT_TESTS) >= 2
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("where, rule", alert_rules(), ids=lambda v: v if isinstance(v, str) else
+                         f"{v['alert']}-{v.get('labels', {}).get('severity')}")
+def test_every_alert_has_severity_summary_description_and_runbook(where, rule):
+    assert rule.get("labels", {}).get("severity") in SEVERITIES, f"{where}: {rule['alert']} severity"
+    annotations = rule.get("annotations", {})
+    for name in ("summary", "description", "runbook"):
+        assert str(annotations.get(name, "")).strip(), f"{where}: {rule['alert']} has no {name} annotation"
+    # The description gives the number that made the alert fire, not just words.
+    assert "$value" in annotations["description"], f"{where}: {rule['alert']}'s description omits {{{{ $value }}}}"
+    assert re.fullmatch(r"README\.md#runbook-[a-z0-9-]+", annotations["runbook"]), annotations["runbook"]
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("where, rule", alert_rules(), ids=lambda v: v if isinstance(v, str) else
+                         f"{v['alert']}-{v.get('labels', {}).get('severity')}")
+def test_every_alert_has_a_firing_and_a_quiet_unit_test(where, rule):
+    """Firing: a case that expects this alert (by name and severity: Sloth's page and ticket alerts
+    share a name). Quiet: a case for the name that does not expect it. Both from a test that loads the
+    alert's rule file."""
+    name, severity = rule["alert"], rule["labels"]["severity"]
+    cases = [case for loads, case in alert_unit_tests() if where in loads and case["alertname"] == name]
+    expects = [any(a.get("exp_labels", {}).get("severity") == severity for a in case.get("exp_alerts") or [])
+               for case in cases]
+    assert any(expects), f"{where}: no unit test expects {name} (severity {severity}) to fire"
+    assert not all(expects), f"{where}: no unit test expects {name} (severity {severity}) to stay quiet"
+
+
+@pytest.mark.unit
+def test_every_scrape_job_has_a_target_down_alert():
+    exprs = {re.sub(r"\s+", "", rule["expr"]) for _, rule in alert_rules()}
+    missing = [job for job in jobs() if f'up{{job="{job}"}}==0' not in exprs]
+    assert not missing, f"scrape jobs without an `up{{job=...}} == 0` alert: {missing}"
+
+
+def readme_anchors() -> set[str]:
+    """GitHub's anchors of the README's headings: lower case, punctuation dropped, spaces to hyphens."""
+    headings = re.findall(r"^#{1,6} +(.+?) *$", README.read_text(), flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-") for heading in headings}
+
+
+@pytest.mark.unit
+def test_every_runbook_is_a_readme_section():
+    runbooks = {rule["annotations"]["runbook"].split("#", 1)[1] for _, rule in alert_rules()}
+    missing = sorted(runbooks - readme_anchors())
+    assert not missing, f"runbook annotations point to README sections that do not exist: {missing}"

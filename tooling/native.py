@@ -1,7 +1,7 @@
 """Run the stack's components as local processes on 127.0.0.1, from the same files compose uses.
 
-Only hostnames and ports are overridden; everything else (app/app.env, the collector and Prometheus
-configs) is read as committed. The tests and `make native-up` share this code.
+Only hostnames and ports are overridden; everything else (app/app.env, the collector, Prometheus and
+Alertmanager configs) is read as committed. The tests and `make native-up` share this code.
 """
 
 from __future__ import annotations
@@ -24,10 +24,29 @@ APP_DIR = REPO_ROOT / "app"
 VENV_BIN = Path(sys.executable).parent
 
 
+# Ports for the servers we start, chosen below Linux's ephemeral range (32768-60999 by default): a port
+# the kernel may hand to an outgoing connection can be taken between choosing it and binding it, and the
+# scan, flood and load tests open tens of thousands of such connections.
+SERVER_PORTS = range(20000, 32000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A port nothing listens on now, outside the ephemeral range, not handed out before by this process."""
+    import random
+
+    for _ in range(200):
+        port = random.choice(SERVER_PORTS)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {SERVER_PORTS.start}-{SERVER_PORTS.stop - 1} after 200 tries")
 
 
 def wait_http(url: str, timeout: float = 30.0, process: subprocess.Popen | None = None) -> None:
@@ -166,6 +185,7 @@ def start_app(settings: AppSettings, log_dir: Path, timeout: float = 30.0,
 
 COLLECTOR_CONFIG = REPO_ROOT / "otel-collector" / "otel-collector-config.yaml"
 PROMETHEUS_CONFIG = REPO_ROOT / "prometheus" / "prometheus-config.yaml"
+ALERTMANAGER_CONFIG = REPO_ROOT / "alertmanager" / "alertmanager-config.yaml"
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 
 
@@ -180,6 +200,7 @@ class StackPorts:
     collector_metrics: int
     collector_telemetry: int
     prometheus: int
+    alertmanager: int
     tempo_sink: int
     pyroscope_sink: int
     beyla: int  # nothing listens: Beyla needs kprobes, so its scrape target stays down, as it would
@@ -191,7 +212,8 @@ class StackPorts:
     @classmethod
     def fixed(cls) -> StackPorts:
         return cls(app=5000, otlp_grpc=4317, otlp_http=4318, collector_health=13133, collector_metrics=8889,
-                   collector_telemetry=8888, prometheus=9090, tempo_sink=14317, pyroscope_sink=4040, beyla=9400)
+                   collector_telemetry=8888, prometheus=9090, alertmanager=9093, tempo_sink=14317,
+                   pyroscope_sink=4040, beyla=9400)
 
     def target_map(self) -> dict[str, str]:
         """compose host:port -> local address, for every target a config names."""
@@ -203,6 +225,7 @@ class StackPorts:
             "otel-collector:8889": local(self.collector_metrics),
             "otel-collector:8888": local(self.collector_telemetry),
             "localhost:9090": local(self.prometheus),
+            "alertmanager:9093": local(self.alertmanager),
             "tempo:4317": local(self.tempo_sink),
         }
 
@@ -228,39 +251,74 @@ def collector_overlay(ports: StackPorts, base: Path = COLLECTOR_CONFIG) -> dict:
     }
 
 
-def render_prometheus_config(ports: StackPorts, base: Path = PROMETHEUS_CONFIG) -> str:
-    """prometheus-config.yaml with compose targets rewritten to local ports and rule paths made absolute."""
+def render_prometheus_config(ports: StackPorts, base: Path = PROMETHEUS_CONFIG,
+                             extra_rule_files: tuple[Path, ...] = ()) -> str:
+    """prometheus-config.yaml with compose targets (scrape jobs and Alertmanagers) rewritten to local
+    ports and rule paths made absolute; `extra_rule_files` are loaded besides the committed rules."""
     import yaml
 
     config = yaml.safe_load(base.read_text())
     targets = ports.target_map()
-    for job in config["scrape_configs"]:
-        for static in job.get("static_configs", []):
+
+    def rewrite(static_configs: list, what: str) -> None:
+        for static in static_configs:
             unknown = [t for t in static["targets"] if t not in targets]
             if unknown:
-                raise ValueError(f"{base.name}: job {job['job_name']} scrapes {unknown}, unknown to the native stack")
+                raise ValueError(f"{base.name}: {what} names {unknown}, unknown to the native stack")
             static["targets"] = [targets[t] for t in static["targets"]]
+
+    for job in config["scrape_configs"]:
+        rewrite(job.get("static_configs", []), f"job {job['job_name']}")
+    for alertmanager in (config.get("alerting") or {}).get("alertmanagers", []):
+        rewrite(alertmanager.get("static_configs", []), "alerting")
     config["rule_files"] = [str(base.parent / pattern) for pattern in config.get("rule_files", [])]
+    config["rule_files"] += [str(Path(path).resolve()) for path in extra_rule_files]
     return yaml.safe_dump(config, sort_keys=False)
+
+
+def render_alertmanager_config(webhook_url: str | None = None, base: Path = ALERTMANAGER_CONFIG) -> str:
+    """alertmanager-config.yaml as committed; with `webhook_url`, its default receiver (the route's) also
+    POSTs every notification there, resolved ones included, so that a test can see what would be sent."""
+    import yaml
+
+    if webhook_url is None:
+        return base.read_text()
+    config = yaml.safe_load(base.read_text())
+    (receiver,) = [r for r in config["receivers"] if r["name"] == config["route"]["receiver"]]
+    receiver.setdefault("webhook_configs", []).append({"url": webhook_url, "send_resolved": True})
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+def compose_command(service: str, compose_file: Path = COMPOSE_FILE) -> list[str]:
+    import yaml
+
+    command = yaml.safe_load(compose_file.read_text())["services"][service].get("command", [])
+    return command.split() if isinstance(command, str) else list(command)
 
 
 def prometheus_feature_flags(compose_file: Path = COMPOSE_FILE) -> list[str]:
     """The --enable-feature flags compose gives Prometheus, so the native one runs the same way."""
-    import yaml
+    return [arg for arg in compose_command("prometheus", compose_file) if arg.startswith("--enable-feature")]
 
-    command = yaml.safe_load(compose_file.read_text())["services"]["prometheus"].get("command", [])
-    if isinstance(command, str):
-        command = command.split()
-    return [arg for arg in command if arg.startswith("--enable-feature")]
+
+def alertmanager_flags(compose_file: Path = COMPOSE_FILE) -> list[str]:
+    """The flags compose gives Alertmanager besides its config and data paths (which are files inside
+    the container), so the native one runs the same way; among them, no HA cluster listener."""
+    return [arg for arg in compose_command("alertmanager", compose_file)
+            if not arg.startswith(("--config.file=", "--storage.path="))]
 
 
 class NativeStack:
-    """Collector, Prometheus and the app as local processes, with Tempo and Pyroscope as capture sinks.
+    """Collector, Prometheus, Alertmanager and the app as local processes, with Tempo and Pyroscope as
+    capture sinks.
 
     The sinks run in this process (`tempo_sink`, `pyroscope_sink`) so callers can inspect what arrived.
+    `alert_webhook` (a URL, e.g. a tooling.sinks.WebhookSink's) is added to Alertmanager's default
+    receiver; `extra_rule_files` are rule files Prometheus loads besides the committed ones.
     """
 
-    def __init__(self, run_dir: Path, ports: StackPorts | None = None, keep_traces: bool = True):
+    def __init__(self, run_dir: Path, ports: StackPorts | None = None, keep_traces: bool = True,
+                 alert_webhook: str | None = None, extra_rule_files: tuple[Path, ...] = ()):
         from tooling.sinks import OtlpSink, PyroscopeSink
 
         self.run_dir = run_dir.resolve()  # children run with it as cwd, so relative paths would break
@@ -270,14 +328,21 @@ class NativeStack:
         self.app_settings = AppSettings(
             port=self.ports.app, otlp_endpoint=f"http://127.0.0.1:{self.ports.otlp_grpc}",
             pyroscope_address=self.pyroscope_sink.address)
+        self.alert_webhook = alert_webhook
+        self.extra_rule_files = tuple(extra_rule_files)
         self.collector: Managed | None = None
         self.prometheus: Managed | None = None
+        self.alertmanager: Managed | None = None
         self.app: Managed | None = None
         self.health_probe = None
 
     @property
     def prometheus_url(self) -> str:
         return f"http://127.0.0.1:{self.ports.prometheus}"
+
+    @property
+    def alertmanager_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.alertmanager}"
 
     @property
     def app_url(self) -> str:
@@ -310,7 +375,7 @@ class NativeStack:
         # The compose image's version, built from its Go module; PROMETHEUS_BIN runs another one instead.
         binary = os.environ.get("PROMETHEUS_BIN") or str(prometheus_binaries()[0])
         config = self.run_dir / "prometheus-config.yaml"
-        config.write_text(render_prometheus_config(self.ports))
+        config.write_text(render_prometheus_config(self.ports, extra_rule_files=self.extra_rule_files))
         self.prometheus = spawn(
             "prometheus",
             [binary, f"--config.file={config}", f"--storage.tsdb.path={self.run_dir / 'prometheus-data'}",
@@ -318,6 +383,21 @@ class NativeStack:
             dict(os.environ), self.run_dir, self.run_dir)
         self._wait("prometheus", self.prometheus, f"{self.prometheus_url}/-/ready")
         return self.prometheus
+
+    def start_alertmanager(self) -> Managed:
+        from tooling.alertmanager_build import alertmanager_binaries
+
+        # The compose image's version, built from its Go module.
+        config = self.run_dir / "alertmanager-config.yaml"
+        config.write_text(render_alertmanager_config(self.alert_webhook))
+        self.alertmanager = spawn(
+            "alertmanager",
+            [str(alertmanager_binaries()[0]), f"--config.file={config}",
+             f"--storage.path={self.run_dir / 'alertmanager-data'}",
+             f"--web.listen-address=127.0.0.1:{self.ports.alertmanager}", *alertmanager_flags()],
+            dict(os.environ), self.run_dir, self.run_dir)
+        self._wait("alertmanager", self.alertmanager, f"{self.alertmanager_url}/-/ready")
+        return self.alertmanager
 
     @property
     def app_multiproc_dir(self) -> Path:
@@ -347,6 +427,8 @@ class NativeStack:
         self.pyroscope_sink.start()
         try:
             self.start_collector()
+            # Before Prometheus, so that its first alerts find Alertmanager listening.
+            self.start_alertmanager()
             self.start_prometheus()
             self.start_app()
         except BaseException:
@@ -357,7 +439,7 @@ class NativeStack:
     def down(self) -> None:
         if self.health_probe is not None:
             self.health_probe.stop()
-        for managed in (self.app, self.collector, self.prometheus):
+        for managed in (self.app, self.collector, self.prometheus, self.alertmanager):
             if managed is not None:
                 managed.stop()
         self.tempo_sink.stop()
@@ -367,6 +449,7 @@ class NativeStack:
         return {
             "app": self.app_url,
             "prometheus": self.prometheus_url,
+            "alertmanager": self.alertmanager_url,
             "collector metrics": self.collector_metrics_url,
             "collector health": f"http://127.0.0.1:{self.ports.collector_health}/",
             "tempo sink (OTLP gRPC)": f"127.0.0.1:{self.ports.tempo_sink}",

@@ -1,14 +1,18 @@
-"""Capture sinks for the backends that cannot run on a machine without Docker (Tempo, the Pyroscope server).
+"""Capture sinks for the backends that cannot run on a machine without Docker (Tempo, the Pyroscope server),
+and for where Alertmanager's notifications would go (an e-mail or chat service).
 
 They only receive and decode, with real libraries: opentelemetry-proto for OTLP, protobuf for the Pyroscope
-push body and the pprof inside it. They never stand in for a component that can run here (the collector,
-Prometheus): the tests use them where Tempo or Pyroscope would sit.
+push body and the pprof inside it, json for Alertmanager's webhook. They never stand in for a component that
+can run here (the collector, Prometheus, Alertmanager): the tests use them where Tempo, Pyroscope or a
+notification receiver would sit.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
 import threading
+import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -345,3 +349,80 @@ def decode_push(body: bytes, content_encoding: str = "gzip") -> list[ProfileUplo
         for sample in series.samples:
             uploads.append(ProfileUpload(labels, Profile.FromString(_maybe_gunzip(sample.raw_profile))))
     return uploads
+
+
+# ------------------------------------------------------------------------------- Alertmanager's webhook
+
+
+@dataclass
+class Notification:
+    """One POST of Alertmanager's webhook integration: its JSON body, and when it arrived (time.time())."""
+
+    received_at: float
+    path: str
+    body: dict
+
+    @property
+    def alerts(self) -> list[dict]:
+        return self.body.get("alerts", [])
+
+    def alert_names(self) -> set[str]:
+        return {alert["labels"].get("alertname") for alert in self.alerts}
+
+
+@dataclass
+class WebhookSink:
+    """An HTTP receiver for Alertmanager's `webhook_configs`: keeps every notification POSTed to it
+    (Alertmanager's JSON, version 4: status, receiver, groupLabels, alerts[...]) with its arrival time."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    received: list[Notification] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server naming
+                arrived = time.time()
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    notification = Notification(arrived, self.path, json.loads(body))
+                    if not isinstance(notification.body, dict) or "alerts" not in notification.body:
+                        raise ValueError("not an Alertmanager notification (no `alerts`)")
+                except ValueError as exc:  # json's errors are ValueErrors too
+                    sink.rejected.append(f"{self.path}: {exc}")
+                    self.send_response(400)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                with sink._lock:
+                    sink.received.append(notification)
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):  # keep test output readable
+                pass
+
+        self._lock = threading.Lock()
+        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
+        self.port = self._server.server_address[1]
+        self.address = f"http://{self.host}:{self.port}/alerts"
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> WebhookSink:
+        self._thread = threading.Thread(target=self._server.serve_forever, name="webhook-sink", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server.socket.fileno() != -1:
+            if self._thread is not None:  # shutdown() waits for a serve loop that never started otherwise
+                self._server.shutdown()
+            self._server.server_close()
+
+    def notifications(self) -> list[Notification]:
+        with self._lock:
+            return list(self.received)

@@ -8,6 +8,7 @@ here under its own project name), sends a known load, then asserts:
 - Tempo's search finds a `GET /` trace and an error trace for /fail;
 - Pyroscope has a CPU profile of dice-api with the view function's frame, and the span ids that
   traces carry as pyroscope.profile.id resolve to span profiles;
+- Prometheus sends its alerts to the compose Alertmanager, which runs alone (no HA cluster);
 - Grafana's health check passes for every datasource, every provisioned dashboard loads, and its
   PromQL returns data through Grafana;
 and tears the stack down with its volumes (E2E_KEEP_STACK=1 keeps it for a look).
@@ -47,6 +48,7 @@ def published(variable: str) -> str:
 
 APP = published("APP_PORT")
 PROMETHEUS = published("PROMETHEUS_PORT")
+ALERTMANAGER = published("ALERTMANAGER_PORT")
 TEMPO = published("TEMPO_PORT")
 PYROSCOPE = published("PYROSCOPE_PORT")
 GRAFANA = published("GRAFANA_PORT")
@@ -305,6 +307,21 @@ def test_span_ids_of_traces_resolve_to_span_profiles(load):
     poll(lambda: total(ids), 240, f"a span profile for any of {len(ids)} pyroscope.profile.id values", interval=5)
     resolved = next((span_id for span_id in ids if total([span_id]) > 0), None)
     assert resolved, f"none of {len(ids)} span ids resolves on its own, although together they do"
+
+
+# --- Alertmanager ------------------------------------------------------------------------------------
+
+
+def test_prometheus_sends_alerts_to_the_alertmanager(stack):
+    def active():
+        answer = requests.get(f"{PROMETHEUS}/api/v1/alertmanagers", timeout=10).json()["data"]
+        return answer["activeAlertmanagers"]
+
+    (alertmanager,) = poll(active, 60, "an active Alertmanager in Prometheus's /api/v1/alertmanagers", interval=5)
+    assert alertmanager["url"] == "http://alertmanager:9093/api/v2/alerts"
+    status = requests.get(f"{ALERTMANAGER}/api/v2/status", timeout=10).json()
+    assert status["versionInfo"]["version"] == dotenv()["ALERTMANAGER_VERSION"].removeprefix("v")
+    assert status["cluster"]["status"] == "disabled"
 
 
 # --- Grafana -----------------------------------------------------------------------------------------
