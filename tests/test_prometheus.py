@@ -383,3 +383,12 @@ def test_every_runbook_is_a_readme_section():
     runbooks = {rule["annotations"]["runbook"].split("#", 1)[1] for _, rule in alert_rules()}
     missing = sorted(runbooks - readme_anchors())
     assert not missing, f"runbook annotations point to README sections that do not exist: {missing}"
+
+
+@pytest.mark.unit
+def test_the_loadgen_rule_matches_the_name_locust_exports_under():
+    from tooling.envfile import load_env_file
+
+    service = load_env_file(REPO_ROOT / "locust" / "locust.env")["OTEL_SERVICE_NAME"]
+    rules = [r for r in jobs()["otel-collector"]["metric_relabel_configs"] if r.get("replacement") == "loadgen"]
+    assert [r["regex"] for r in rules] == [service], "locust's service.name (its job) must be what becomes loadgen"

@@ -318,13 +318,8 @@ def breakdown(uploads) -> dict:
 
 def profile_mode(mode: str, args, out: Path) -> dict:
     """Profile one mode under closed-loop load with the Pyroscope hook's own flame graph data."""
-    stack = NativeStack(out / "profile-stack", keep_traces=False)
-    stack.run_dir.mkdir(parents=True, exist_ok=True)
-    stack.tempo_sink.start()
-    stack.pyroscope_sink.start()
+    stack = NativeStack(out / "profile-stack", keep_traces=False).up(with_app=False)
     try:
-        stack.start_collector()
-        stack.start_prometheus()
         settings = mode_settings(mode, stack)
         settings.pyroscope_address = stack.pyroscope_sink.address
         settings.overrides = {**settings.overrides, "PYROSCOPE_UPLOAD_INTERVAL": "2"}
@@ -352,15 +347,10 @@ def run(args) -> dict:
     if unknown:
         raise BenchError(f"--modes: unknown {sorted(unknown)}; choose from {', '.join(MODES)}")
     vegeta_binary()
-    stack = NativeStack(out / "stack", keep_traces=False)
-    stack.run_dir.mkdir(parents=True, exist_ok=True)
-    stack.tempo_sink.start()
-    stack.pyroscope_sink.start()
+    stack = NativeStack(out / "stack", keep_traces=False).up(with_app=False)
     samples: list[Sample] = []
     open_rate = args.rate
     try:
-        stack.start_collector()
-        stack.start_prometheus()
         for round_ in range(1, args.rounds + 1):
             # Rotate the order each round, so no mode always runs first (or right after another).
             order = modes[round_ - 1:] + modes[:round_ - 1] if "plain" not in modes or open_rate else \

@@ -421,7 +421,8 @@ class NativeStack:
             managed.stop()
             raise RuntimeError(f"{name} did not become ready ({exc}); its log:\n{managed.log()[-4000:]}") from None
 
-    def up(self) -> NativeStack:
+    def up(self, with_app: bool = True) -> NativeStack:
+        """Start everything; with_app=False leaves the app to the caller (the benchmark starts its own)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tempo_sink.start()
         self.pyroscope_sink.start()
@@ -430,7 +431,8 @@ class NativeStack:
             # Before Prometheus, so that its first alerts find Alertmanager listening.
             self.start_alertmanager()
             self.start_prometheus()
-            self.start_app()
+            if with_app:
+                self.start_app()
         except BaseException:
             self.down()  # never leave a half-started stack behind
             raise
