@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,3 +188,60 @@ def compose_config(project_dir: Path = REPO_ROOT, env: dict[str, str] | None = N
 def compose_environment(project_dir: Path = REPO_ROOT, env: dict[str, str] | None = None) -> dict[str, str]:
     """The variables Compose interpolates the project with (`docker compose config --environment`)."""
     return _run_compose_config(project_dir, env, "-environment")
+
+
+# --- Grafana dashboards ----------------------------------------------------------------------------------
+# Grafana's variable syntax: $name, ${name}, ${name:format}. Dashboard queries may use one variable,
+# `source` (the telemetry source, golden-signals.json); tests run such a query once per value the
+# dashboard offers, substituted as Grafana does. Any other variable makes a query untestable.
+GRAFANA_VARIABLE = re.compile(r"\$(\{|[A-Za-z_])")
+SOURCE_VARIABLE = re.compile(r"\$(?:source\b|\{source\})")
+
+
+def dashboard_panels(dashboard: dict) -> Iterator[dict]:
+    """Every panel, those inside collapsed rows included."""
+    for panel in dashboard.get("panels", []):
+        yield panel
+        yield from panel.get("panels", [])
+
+
+def source_values(dashboard: dict) -> list[str]:
+    """The values the dashboard's `source` variable offers (none if it has no such variable)."""
+    return [option["value"] for variable in dashboard.get("templating", {}).get("list", [])
+            if variable["name"] == "source" for option in variable["options"]]
+
+
+def with_source(dashboard: dict, expr: str) -> list[tuple[str | None, str]]:
+    """(source, query): the query once per value of `source` if it uses the variable, else (None, expr)."""
+    if not SOURCE_VARIABLE.search(expr):
+        return [(None, expr)]
+    values = source_values(dashboard)
+    if not values:
+        raise ValueError(f"uses $source, which the dashboard {dashboard.get('uid')!r} does not define: {expr}")
+    return [(value, SOURCE_VARIABLE.sub(value, expr)) for value in values]
+
+
+# --- faults under load (tests/test_reliability.py, tests/test_alerts_native.py) ----------------------------
+EXPECTED_STATUS = {"/": 200, "/health": 200, "/fail": 500}
+
+
+def phase(timeline: list, start: float, end: float) -> dict:
+    rows = [r for r in timeline if start <= r[0] < end]
+    latencies = sorted(r[3] for r in rows)
+    unexpected = [r for r in rows if EXPECTED_STATUS.get(r[1]) != r[2]]
+    return {
+        "requests": len(rows),
+        "unexpected": len(unexpected),
+        "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
+        "p95_ms": round(latencies[int(0.95 * (len(latencies) - 1))], 1) if latencies else None,
+    }
+
+
+def assert_unaffected(before: dict, during: dict, after: dict | None = None) -> None:
+    phases = [before, during] + ([after] if after else [])
+    assert all(p["requests"] > 50 for p in phases), phases
+    assert all(p["unexpected"] == 0 for p in phases), phases
+    # "Noticeably slower" on a noisy 2-core machine that also runs the load generator: more than twice
+    # the baseline plus 20 ms. A blocking export on the request path would add seconds, not milliseconds.
+    assert during["p95_ms"] <= 2 * before["p95_ms"] + 20, phases
+    assert during["p50_ms"] <= 2 * before["p50_ms"] + 20, phases

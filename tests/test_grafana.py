@@ -15,7 +15,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from stackfiles import REPO_ROOT, bind_mounts, compose, dotenv, named_volumes
+from stackfiles import (
+    GRAFANA_VARIABLE,
+    REPO_ROOT,
+    SOURCE_VARIABLE,
+    bind_mounts,
+    compose,
+    dashboard_panels,
+    dotenv,
+    named_volumes,
+    source_values,
+    with_source,
+)
 
 GRAFANA = REPO_ROOT / "grafana"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "datasources.yaml"
@@ -48,7 +59,9 @@ KNOWN_METRICS = {
     "process_memory_virtual_bytes",
     "process_disk_io_bytes_total",
     "process_network_io_bytes_total",
+    "http_server_active_requests",  # the OTel SDK's http.server.active_requests (Flask/WSGI instrumentation)
     "up",
+    "ALERTS",  # Prometheus's own series of the alerts pending or firing
 }
 KNOWN_METRIC_PREFIXES = ("traces_service_graph_",)
 SOURCES = {"manual", "otel", "ebpf", "loadgen"}
@@ -86,10 +99,7 @@ def datasources() -> dict[str, dict]:
     return {ds["uid"]: ds for ds in provisioned()["datasources"]}
 
 
-def panels(dashboard: dict):
-    for panel in dashboard.get("panels", []):
-        yield panel
-        yield from panel.get("panels", [])  # collapsed rows
+panels = dashboard_panels
 
 
 def prometheus_targets(dashboard: dict):
@@ -98,6 +108,25 @@ def prometheus_targets(dashboard: dict):
             uid = (target.get("datasource") or panel.get("datasource") or {}).get("uid")
             if uid == "prometheus":
                 yield panel, target
+
+
+def load_dashboard(name: str) -> dict:
+    return json.loads((GRAFANA / "dashboards" / f"{name}.json").read_text())
+
+
+def sections(dashboard: dict) -> dict[str, list[dict]]:
+    """The panels under each row of the dashboard, by the row's title (rows are not collapsed here)."""
+    found, current = {}, None
+    for panel in sorted(panels(dashboard), key=lambda p: (p["gridPos"]["y"], p["gridPos"]["x"])):
+        if panel["type"] == "row":
+            current = found.setdefault(panel["title"], [])
+        elif current is not None:
+            current.append(panel)
+    return found
+
+
+def exprs_of(panel_list) -> str:
+    return " ".join(target.get("expr", "") for panel in panel_list for target in panel.get("targets", []))
 
 
 def trace_to_metrics_queries() -> list[str]:
@@ -247,18 +276,19 @@ def test_dashboard_promql_parses_and_uses_known_metrics(path, tmp_path):
     exprs = {}
     allowed = KNOWN_METRICS | recording_rules()
     for panel, target in prometheus_targets(dashboard):
-        expr = target.get("expr", "")
         where = f"panel {panel['title']!r} query {target['refId']}"
-        assert expr.strip(), f"{where}: empty expr"
-        # Plain PromQL, so tests can run every query against a real Prometheus.
-        assert not re.search(r"\$(\{|[A-Za-z_])", expr), f"{where}: Grafana variables make the query untestable: {expr}"
-        metrics = selected_metrics(expr)
-        assert metrics, f'{where}: write selectors with braces, e.g. up{{job=~".+"}}: {expr}'
-        unknown = {m for m in metrics if m not in allowed and not m.startswith(KNOWN_METRIC_PREFIXES)}
-        assert not unknown, f"{where}: metrics nobody produces: {unknown}"
-        for source in re.findall(r'telemetry_source\s*=~?\s*"([^"]+)"', expr):
-            assert set(source.split("|")) <= SOURCES, f"{where}: telemetry_source {source!r}"
-        exprs[f"dashboard:panel{panel['id']}_{target['refId']}"] = expr
+        assert target.get("expr", "").strip(), f"{where}: empty expr"
+        for source, expr in with_source(dashboard, target["expr"]):
+            suffix = f"_{source}" if source else ""
+            # Plain PromQL (after $source), so tests can run every query against a real Prometheus.
+            assert not GRAFANA_VARIABLE.search(expr), f"{where}: Grafana variables make the query untestable: {expr}"
+            metrics = selected_metrics(expr)
+            assert metrics, f'{where}: write selectors with braces, e.g. up{{job=~".+"}}: {expr}'
+            unknown = {m for m in metrics if m not in allowed and not m.startswith(KNOWN_METRIC_PREFIXES)}
+            assert not unknown, f"{where}: metrics nobody produces: {unknown}"
+            for named in re.findall(r'telemetry_source\s*=~?\s*"([^"]+)"', expr):
+                assert set(named.split("|")) <= SOURCES, f"{where}: telemetry_source {named!r}"
+            exprs[f"dashboard:panel{panel['id']}_{target['refId']}{suffix}"] = expr
     assert exprs, "no PromQL in the dashboard"
     result = promtool_check(exprs, tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -281,6 +311,152 @@ def test_overview_compares_the_three_sources_and_shows_traces_and_profiles():
     assert profile["profileTypeId"] == CPU_PROFILE
     service_name = dotenv(REPO_ROOT / "app" / "app.env")["OTEL_SERVICE_NAME"]
     assert profile["labelSelector"] == f'{{service_name="{service_name}"}}'
+
+
+def dashboard_links(dashboard: dict) -> set[str]:
+    """The uids the dashboard's own links (top right) open."""
+    return {re.fullmatch(r"/d/([\w-]+)", link["url"]).group(1) for link in dashboard.get("links", [])}
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_dashboard_links_open_provisioned_dashboards(path):
+    uids = {json.loads(other.read_text())["uid"] for other in DASHBOARDS}
+    links = dashboard_links(json.loads(path.read_text()))
+    assert links and links <= uids - {json.loads(path.read_text())["uid"]}
+
+
+@pytest.mark.unit
+def test_overview_links_to_golden_signals_slo_and_comparison():
+    assert {"golden-signals", "slo", "comparison"} <= dashboard_links(load_dashboard("stack-overview"))
+
+
+# --- golden signals ----------------------------------------------------------------------------------
+
+
+@pytest.mark.unit
+def test_golden_signals_chooses_the_telemetry_source_with_a_variable():
+    golden = load_dashboard("golden-signals")
+    (variable,) = golden["templating"]["list"]
+    assert variable["name"] == "source" and variable["type"] == "custom"
+    # The values of the telemetry_source label that describe the service; loadgen is the client's view,
+    # on the comparison dashboard. One at a time, otel first (what the SLOs use).
+    assert source_values(golden) == variable["query"].split(",") == ["otel", "manual", "ebpf"]
+    assert variable["current"]["value"] == "otel"
+    assert not variable["multi"] and not variable["includeAll"]
+    for panel, target in prometheus_targets(golden):
+        if SOURCE_VARIABLE.search(target["expr"]):
+            assert 'telemetry_source="$source"' in target["expr"], panel["title"]
+            assert "${source}" in panel["title"], f"{panel['title']!r} follows the variable: say so in its title"
+
+
+@pytest.mark.unit
+def test_golden_signals_shows_latency_traffic_errors_and_saturation_per_route():
+    by_row = sections(load_dashboard("golden-signals"))
+    assert set(by_row) == {"Latency", "Traffic", "Errors", "Saturation"}
+    latency, traffic, errors = (exprs_of(by_row[name]) for name in ("Latency", "Traffic", "Errors"))
+    assert "histogram_quantile" in latency and "dice:http_request_duration_seconds_bucket:rate1m" in latency
+    assert "dice:http_requests_by_route:rate1m" in traffic
+    assert "dice:http_requests:error_ratio_rate1m" in errors
+    for name in ("Latency", "Traffic", "Errors"):
+        assert all("$source" in exprs_of([panel]) for panel in by_row[name]), f"{name}: every panel follows $source"
+        assert any("by (route" in exprs_of([panel]) for panel in by_row[name]), f"{name}: nothing per route"
+    saturation = by_row["Saturation"]
+    assert "http_server_active_requests" in exprs_of(saturation)
+    assert "process_cpu_time_seconds_total" in exprs_of(saturation)
+    for panel in saturation:
+        if "$source" not in exprs_of([panel]):
+            # Read from one source only: the title and description must say which.
+            name = "OpenTelemetry" if 'telemetry_source="otel"' in exprs_of([panel]) else "Beyla"
+            assert name in panel["title"] and "does not follow the source" in panel["description"], panel["title"]
+
+
+@pytest.mark.unit
+def test_golden_signals_links_to_the_comparison_and_the_slos():
+    assert {"comparison", "slo"} <= dashboard_links(load_dashboard("golden-signals"))
+
+
+# --- SLOs, alerts and runbooks -----------------------------------------------------------------------
+
+
+def slo_spec() -> dict:
+    return yaml.safe_load((REPO_ROOT / "prometheus" / "slo" / "dice-slos.yaml").read_text())
+
+
+@pytest.mark.unit
+def test_slo_dashboard_shows_objective_budget_and_burn_rates_of_every_slo():
+    from tooling.runbooks import ALERTS_TABLE_ID
+
+    slo = load_dashboard("slo")
+    exprs = exprs_of(panels(slo))
+    for rule in ("slo:objective:ratio", "slo:period_error_budget_remaining:ratio", "slo:current_burn_rate:ratio"):
+        assert f"{rule}{{" in exprs, rule
+    # The burn rate of every window the alerts use, for every SLO of the spec.
+    windows = ("5m", "30m", "1h", "2h", "6h", "1d", "3d")
+    for spec in slo_spec()["slos"]:
+        for window in windows:
+            burn = (f'slo:sli_error:ratio_rate{window}{{sloth_slo="{spec["name"]}"}} '
+                    f'/ on (sloth_id) slo:error_budget:ratio{{sloth_slo="{spec["name"]}"}}')
+            assert burn in exprs, burn
+    (table,) = [panel for panel in panels(slo) if panel["id"] == ALERTS_TABLE_ID]
+    assert table["type"] == "table"
+    (target,) = table["targets"]
+    assert 'ALERTS{alertstate=~"firing|pending"}' in target["expr"] and target["format"] == "table"
+    assert target["instant"] is True
+    shown = table["transformations"][0]["options"]["indexByName"]
+    assert {"alertname", "alertstate", "severity", "route", "telemetry_source", "runbook"} <= set(shown)
+
+
+def alerts_and_runbooks() -> list[tuple[str, str]]:
+    """(alert name, README anchor of its runbook) of every alert: the rule files and the Sloth spec."""
+    from tooling.runbooks import alert_rules
+
+    found = [(rule["alert"], rule["annotations"]["runbook"]) for rule in alert_rules()]
+    found += [(spec["alerting"]["name"], spec["alerting"]["annotations"]["runbook"]) for spec in slo_spec()["slos"]]
+    assert all(runbook.startswith("README.md#") for _, runbook in found)
+    return sorted({(name, runbook.split("#", 1)[1]) for name, runbook in found})
+
+
+@pytest.mark.unit
+def test_the_runbook_panels_are_the_readme_sections():
+    """Drift: `python -m tooling.runbooks` would change nothing."""
+    from tooling.runbooks import README, alert_rules, dump, render
+
+    current = (GRAFANA / "dashboards" / "slo.json").read_text()
+    assert dump(render(json.loads(current), README.read_text(), alert_rules())) == current, (
+        "grafana/dashboards/slo.json differs from README.md's runbooks: run python -m tooling.runbooks")
+
+
+@pytest.mark.unit
+def test_the_runbook_check_notices_an_edited_readme():
+    from tooling.runbooks import README, alert_rules, render
+
+    slo = load_dashboard("slo")
+    edited = README.read_text().replace("### Runbook: scrape target down\n", "### Runbook: scrape target down\nNew.\n")
+    assert render(slo, edited, alert_rules()) != slo
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("alert, anchor", alerts_and_runbooks())
+def test_every_alert_is_in_its_runbook_panel_and_the_table_links_it_there(alert, anchor):
+    from tooling.runbooks import ALERTS_TABLE_ID, github_anchor
+
+    slo = load_dashboard("slo")
+    by_id = {panel["id"]: panel for panel in panels(slo)}
+    (runbook,) = [p for p in by_id.values() if p["type"] == "text" and p["title"].startswith("Runbook: ")
+                  and github_anchor(p["title"]) == anchor]
+    assert f"`{alert}`" in runbook["options"]["content"], f"{alert} is not named in {runbook['title']!r}"
+    # The table's query labels the alert's rows with that panel's id, and the column links there.
+    table = by_id[ALERTS_TABLE_ID]
+    labelled = {int(panel_id) for panel_id, names in
+                re.findall(r'"runbook", "(\d+)", "alertname", "([^"]+)"', table["targets"][0]["expr"])
+                if re.fullmatch(names, alert)}
+    assert labelled == {runbook["id"]}, f"{alert}: the table points to panels {labelled}, not {runbook['id']}"
+    (column,) = [o for o in table["fieldConfig"]["overrides"] if o["matcher"] == {"id": "byName", "options": "runbook"}]
+    properties = {prop["id"]: prop["value"] for prop in column["properties"]}
+    assert properties["links"] == [{"title": "Runbook: ${__value.text}", "url": "/d/slo?viewPanel=${__value.raw}"}]
+    shown = properties["mappings"][0]["options"][str(runbook["id"])]["text"]
+    assert slo["uid"] == "slo" and shown == runbook["title"].removeprefix("Runbook: ")
 
 
 # --- the admin password entrypoint -------------------------------------------------------------------

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import yaml
 
-from tooling import sloth_build
+from tooling import alert_drills, sloth_build
 from tooling.prometheus_build import prometheus_binaries
 
 SPEC = sloth_build.SPEC
@@ -140,3 +140,56 @@ def test_promtool_accepts_what_sloth_generates(sloth, tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     groups = [g["name"] for path in [fresh, *others] for g in yaml.safe_load(path.read_text())["groups"]]
     assert len(groups) == len(set(groups)), groups
+
+
+# --- drills: time-compressed copies for tests that fire alerts for real (tooling/alert_drills.py) --------
+
+@pytest.mark.unit
+def test_the_sloth_windows_the_drills_scale_are_the_committed_ones():
+    def factor(budget_percent: float, long: float) -> float:
+        # The budget share spent in the long window, as a multiple of the 30-day period's steady burn.
+        return round(budget_percent / 100 * alert_drills.SLO_PERIOD_SECONDS / long, 1)
+
+    scaled = {severity: {(alert_drills.duration(short), alert_drills.duration(long), factor(budget, long))
+                         for budget, short, long in speeds.values()}
+              for severity, speeds in alert_drills.SLO_WINDOWS_30D.items()}
+    assert scaled == MWMB
+
+
+@pytest.mark.unit
+def test_a_drift_drill_divides_every_window_and_labels_every_alert():
+    assert alert_drills.compress_expr("max_over_time(x[5m]) and y offset 5m and z[1h:1m]", 10) == \
+        "max_over_time(x[30s]) and y offset 30s and z[6m:6s]"
+    assert [alert_drills.seconds(d) for d in ("1h30m", "25s", "2m30s", "500ms")] == [5400, 25, 150, 0.5]
+    assert alert_drills.duration(150) == "2m30s" and alert_drills.duration(0.5) == "500ms"
+    committed = [rule for group in yaml.safe_load(alert_drills.DRIFT_RULES.read_text())["groups"]
+                 for rule in group["rules"] if "alert" in rule]
+    drill = [rule for group in yaml.safe_load(alert_drills.drift_drill(10))["groups"] for rule in group["rules"]]
+    assert [r["alert"] for r in drill] == [r["alert"] for r in committed]
+    for mine, theirs in zip(drill, committed, strict=True):
+        assert mine["labels"] == {**theirs["labels"], "drill": "x10"}
+        if "for" in theirs:
+            assert alert_drills.seconds(mine["for"]) * 10 == alert_drills.seconds(theirs["for"])
+        ranges = [alert_drills.seconds(d) for d in re.findall(r"\[(\w+)\]", theirs["expr"])]
+        assert [alert_drills.seconds(d) * 10 for d in re.findall(r"\[(\w+)\]", mine["expr"])] == ranges
+
+
+@pytest.mark.integration
+def test_an_slo_drill_keeps_the_burn_rates_and_divides_the_windows(sloth):
+    rules = yaml.safe_load(alert_drills.slo_drill(12))
+    alerts = [rule for group in rules["groups"] for rule in group["rules"] if "alert" in rule]
+    assert {a["alert"] for a in alerts} == {a["alert"] for a in generated_alerts()}
+    for alert in alerts:
+        # The alert's labels come from the recording rules it reads, which carry `drill`.
+        assert f'sloth_service="{alert_drills.drill_service(12)}"' in alert["expr"]
+        pairs = set(re.findall(r"ratio_rate(\w+)\{[^}]*\} > \(([\d.]+) \*", alert["expr"]))
+        windows = {alert_drills.seconds(w) for w, _ in pairs}
+        factors = {float(f) for _, f in pairs}
+        expected = {factor for pairs_ in MWMB.values() for _, _, factor in pairs_}
+        assert factors <= expected and windows <= {300 / 12, 3600 / 12, 1800 / 12, 6 * 3600 / 12, 7200 / 12,
+                                                    86400 / 12, 3 * 86400 / 12}, alert["expr"]
+    # Its own service name, so that its recording rules never collide with the committed ones.
+    records = {(r["record"], r["labels"]["sloth_service"]) for g in rules["groups"] for r in g["rules"]
+               if "record" in r}
+    assert {service for _, service in records} == {alert_drills.drill_service(12)}
+    assert all(r["labels"]["drill"] == "x12" for g in rules["groups"] for r in g["rules"] if "record" in r)

@@ -276,16 +276,24 @@ def render_prometheus_config(ports: StackPorts, base: Path = PROMETHEUS_CONFIG,
     return yaml.safe_dump(config, sort_keys=False)
 
 
-def render_alertmanager_config(webhook_url: str | None = None, base: Path = ALERTMANAGER_CONFIG) -> str:
+def render_alertmanager_config(webhook_url: str | None = None, base: Path = ALERTMANAGER_CONFIG,
+                               route_timings: dict[str, str] | None = None) -> str:
     """alertmanager-config.yaml as committed; with `webhook_url`, its default receiver (the route's) also
-    POSTs every notification there, resolved ones included, so that a test can see what would be sent."""
+    POSTs every notification there, resolved ones included, so that a test can see what would be sent.
+    `route_timings` overrides the route's group_wait / group_interval / repeat_interval (a test that
+    waits for a resolved notification cannot wait the committed 5-minute group_interval)."""
     import yaml
 
-    if webhook_url is None:
+    if webhook_url is None and not route_timings:
         return base.read_text()
     config = yaml.safe_load(base.read_text())
-    (receiver,) = [r for r in config["receivers"] if r["name"] == config["route"]["receiver"]]
-    receiver.setdefault("webhook_configs", []).append({"url": webhook_url, "send_resolved": True})
+    if webhook_url is not None:
+        (receiver,) = [r for r in config["receivers"] if r["name"] == config["route"]["receiver"]]
+        receiver.setdefault("webhook_configs", []).append({"url": webhook_url, "send_resolved": True})
+    unknown = set(route_timings or {}) - {"group_wait", "group_interval", "repeat_interval"}
+    if unknown:
+        raise ValueError(f"route_timings: {sorted(unknown)} are not route timings")
+    config["route"].update(route_timings or {})
     return yaml.safe_dump(config, sort_keys=False)
 
 
@@ -314,11 +322,13 @@ class NativeStack:
 
     The sinks run in this process (`tempo_sink`, `pyroscope_sink`) so callers can inspect what arrived.
     `alert_webhook` (a URL, e.g. a tooling.sinks.WebhookSink's) is added to Alertmanager's default
-    receiver; `extra_rule_files` are rule files Prometheus loads besides the committed ones.
+    receiver, and `alert_route_timings` override its route's; `extra_rule_files` are rule files
+    Prometheus loads besides the committed ones.
     """
 
     def __init__(self, run_dir: Path, ports: StackPorts | None = None, keep_traces: bool = True,
-                 alert_webhook: str | None = None, extra_rule_files: tuple[Path, ...] = ()):
+                 alert_webhook: str | None = None, extra_rule_files: tuple[Path, ...] = (),
+                 alert_route_timings: dict[str, str] | None = None):
         from tooling.sinks import OtlpSink, PyroscopeSink
 
         self.run_dir = run_dir.resolve()  # children run with it as cwd, so relative paths would break
@@ -329,6 +339,7 @@ class NativeStack:
             port=self.ports.app, otlp_endpoint=f"http://127.0.0.1:{self.ports.otlp_grpc}",
             pyroscope_address=self.pyroscope_sink.address)
         self.alert_webhook = alert_webhook
+        self.alert_route_timings = alert_route_timings
         self.extra_rule_files = tuple(extra_rule_files)
         self.collector: Managed | None = None
         self.prometheus: Managed | None = None
@@ -389,7 +400,7 @@ class NativeStack:
 
         # The compose image's version, built from its Go module.
         config = self.run_dir / "alertmanager-config.yaml"
-        config.write_text(render_alertmanager_config(self.alert_webhook))
+        config.write_text(render_alertmanager_config(self.alert_webhook, route_timings=self.alert_route_timings))
         self.alertmanager = spawn(
             "alertmanager",
             [str(alertmanager_binaries()[0]), f"--config.file={config}",

@@ -98,11 +98,18 @@ def sloth_binary(version: str = SLOTH_VERSION) -> Path:
     return target if target.exists() else build(version)
 
 
-def generate(spec: Path = SPEC, sloth: Path | None = None) -> str:
-    """The rules file Sloth generates from `spec`, with this repo's header in front of Sloth's own."""
+def generate(spec: Path = SPEC, sloth: Path | None = None, period: str = SLO_PERIOD,
+             windows_dir: Path | None = None, extra_labels: dict[str, str] | None = None) -> str:
+    """The rules file Sloth generates from `spec`, with this repo's header in front of Sloth's own.
+
+    `period` other than Sloth's built-in 30d needs `windows_dir`, a directory of AlertWindows specs
+    (tooling/alert_drills.py makes time-compressed ones for tests); `extra_labels` go on every rule."""
     sloth = sloth or sloth_binary()
-    result = subprocess.run([str(sloth), "generate", f"--input={spec}", "--out=-",
-                             f"--default-slo-period={SLO_PERIOD}"], capture_output=True, text=True, timeout=120)
+    args = [str(sloth), "generate", f"--input={spec}", "--out=-", f"--default-slo-period={period}"]
+    if windows_dir is not None:
+        args.append(f"--slo-period-windows-path={windows_dir}")
+    args += [f"--extra-labels={key}={value}" for key, value in (extra_labels or {}).items()]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
     if result.returncode != 0:
         raise SlothBuildError(f"sloth generate -i {spec} failed (exit {result.returncode}):\n{result.stderr[-3000:]}")
     # Sloth starts its output with a YAML document marker; one document needs none.
