@@ -33,7 +33,9 @@ sloth: $(STAMP) ## build (once, cached in .cache/) Sloth, the SLO rule generator
 test: $(STAMP) ## run every test tier (the docker tier skips itself, saying why, without Docker)
 	@# The four Go builds at once: with warm Go caches they are mostly linking, one core each.
 	$(MAKE) --no-print-directory -j4 collector prometheus alertmanager sloth
-	$(PY) -m pytest
+	@# Two workers, a test file each at a time: most integration time is waiting on export and scrape
+	@# intervals, so two files share the two cores without crowding each other.
+	$(PY) -m pytest -n 2 --dist loadfile
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .

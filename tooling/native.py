@@ -31,12 +31,22 @@ SERVER_PORTS = range(20000, 32000)
 _handed_out: set[int] = set()
 
 
+def _port_range() -> range:
+    """SERVER_PORTS, or this pytest-xdist worker's share of it, so that parallel workers never pick the
+    same port between one's choice and its bind."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), os.environ.get("PYTEST_XDIST_WORKER_COUNT", "")
+    if not worker.startswith("gw") or not count.isdigit():
+        return SERVER_PORTS
+    return SERVER_PORTS[int(worker[2:]) % int(count)::int(count)]
+
+
 def free_port() -> int:
     """A port nothing listens on now, outside the ephemeral range, not handed out before by this process."""
     import random
 
+    ports = _port_range()
     for _ in range(200):
-        port = random.choice(SERVER_PORTS)
+        port = random.choice(ports)
         if port in _handed_out:
             continue
         with socket.socket() as sock:
