@@ -26,8 +26,8 @@ COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOTENV_FILE = REPO_ROOT / ".env"
 
 # The services of the stack; `probe` runs the healthchecks the scratch/distroless images cannot.
-SERVICES = {"app", "beyla", "otel-collector", "prometheus", "alertmanager", "tempo", "pyroscope", "grafana", "locust",
-            "probe"}
+SERVICES = {"app", "beyla", "otel-collector", "prometheus", "alertmanager", "tempo", "loki", "pyroscope", "grafana",
+            "locust", "probe"}
 
 # Compose interpolation: $$ is a literal $, otherwise $VAR or ${VAR[:-|-|:?|?|:+|+]word}.
 _VAR = re.compile(

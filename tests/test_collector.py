@@ -31,6 +31,7 @@ MODULE_TYPES = {
         "transform",
     ),
     "go.opentelemetry.io/collector/exporter/otlpexporter": ("exporters", "otlp_grpc"),
+    "go.opentelemetry.io/collector/exporter/otlphttpexporter": ("exporters", "otlp_http"),
     "github.com/open-telemetry/opentelemetry-collector-contrib/exporter/prometheusexporter": (
         "exporters",
         "prometheus",

@@ -46,7 +46,7 @@ NO_HEALTHCHECK = {
 
 # Where each backend keeps its data (the images' data directories).
 DATA_DIRS = {"prometheus": "/prometheus", "alertmanager": "/alertmanager", "tempo": "/var/tempo", "pyroscope": "/data",
-             "grafana": "/var/lib/grafana"}
+             "loki": "/loki", "grafana": "/var/lib/grafana"}
 
 
 def check_jsonschema(path) -> subprocess.CompletedProcess:
@@ -207,7 +207,7 @@ def test_nothing_waits_for_beyla(services):
 def test_every_service_an_app_needs_is_waited_for(services):
     app_needs = set(services["app"]["depends_on"])
     assert {"probe", "pyroscope"} <= app_needs
-    assert set(services["grafana"]["depends_on"]) >= {"prometheus", "pyroscope", "probe"}
+    assert set(services["grafana"]["depends_on"]) >= {"prometheus", "pyroscope", "loki", "probe"}
     assert "app" in services["locust"]["depends_on"]
 
 

@@ -42,6 +42,7 @@ TIED_VERSION_COPIES = {
     "BEYLA_VERSION": {"tests/test_service_configs.py"},
     "TEMPO_VERSION": {"tests/test_service_configs.py"},
     "PYROSCOPE_VERSION": {"tests/test_service_configs.py"},
+    "LOKI_VERSION": {"tests/test_service_configs.py"},
 }
 
 
@@ -102,6 +103,7 @@ def test_every_address_in_the_configs_is_provided_by_a_service(services):
         "otel-collector/otel-collector-config.yaml",
         "grafana/provisioning/datasources/datasources.yaml",
         "tempo/tempo-config.yaml",
+        "loki/loki-config.yaml",
         "pyroscope/pyroscope-config.yaml",
         "beyla/beyla-config.yaml",
         "locustfile.py",

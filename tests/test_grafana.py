@@ -37,6 +37,7 @@ ENTRYPOINT = GRAFANA / "entrypoint.sh"
 EXPECTED_DATASOURCES = {
     "prometheus": "prometheus",
     "tempo": "tempo",
+    "loki": "loki",
     "pyroscope": "grafana-pyroscope-datasource",
     "alertmanager": "alertmanager",
 }
@@ -175,6 +176,48 @@ def test_traces_link_to_metrics_and_service_map():
     assert json_data["nodeGraph"]["enabled"] is True
 
 
+def grafana_sees(value: str) -> str:
+    """A provisioned value as Grafana uses it: `$$` is a literal `$` (no environment variable is used here)."""
+    return value.replace("$$", "$")
+
+
+@pytest.mark.unit
+def test_loki_is_the_compose_service_on_its_port():
+    loki = datasources()["loki"]
+    port = yaml.safe_load((REPO_ROOT / "loki" / "loki-config.yaml").read_text())["server"]["http_listen_port"]
+    assert loki["url"] == f"http://loki:{port}" and loki["access"] == "proxy"
+
+
+@pytest.mark.unit
+def test_log_lines_link_to_their_trace_by_the_trace_id_structured_metadata():
+    (field,) = datasources()["loki"]["jsonData"]["derivedFields"]
+    # Loki keeps an OTLP record's trace id as structured metadata trace_id, not in the line: the field is
+    # read from the line's labels (matcherType label), whose name matcherRegex matches, here exactly.
+    assert field["matcherType"] == "label"
+    pattern = re.compile(grafana_sees(field["matcherRegex"]))
+    assert pattern.search("trace_id")
+    assert not any(pattern.search(name) for name in ("span_id", "otelTraceID", "trace_id_x", "parent_trace_id"))
+    # An internal link: the value is the query of the Tempo datasource, i.e. the trace id itself.
+    assert field["datasourceUid"] == "tempo"
+    assert grafana_sees(field["url"]) == "${__value.raw}"
+
+
+@pytest.mark.unit
+def test_traces_link_to_their_logs_in_loki_by_trace_id():
+    link = datasources()["tempo"]["jsonData"]["tracesToLogsV2"]
+    assert link["datasourceUid"] == "loki"
+    # service.name is Loki's stream label service_name (Loki's default OTLP mapping, loki/loki-config.yaml).
+    assert link["tags"] == [{"key": "service.name", "value": "service_name"}]
+    assert link["filterByTraceID"] is True
+    # The query Grafana runs: the tags as stream selector, the trace id matched on structured metadata.
+    assert link["customQuery"] is True
+    assert grafana_sees(link["query"]) == '{${__tags}} | trace_id="${__trace.traceId}"'
+    # Same stream selector as the overview's logs panel once Grafana fills in the tags.
+    service_name = dotenv(REPO_ROOT / "app" / "app.env")["OTEL_SERVICE_NAME"]
+    selector = grafana_sees(link["query"]).replace("${__tags}", f'service_name="{service_name}"')
+    assert selector.startswith(f'{{service_name="{service_name}"}} | trace_id=')
+
+
 @pytest.mark.unit
 def test_alertmanager_is_the_one_prometheus_sends_to():
     alertmanager = datasources()["alertmanager"]
@@ -306,11 +349,34 @@ def test_overview_compares_the_three_sources_and_shows_traces_and_profiles():
     exprs = " ".join(target["expr"] for _, target in prometheus_targets(dashboard))
     assert "telemetry_source" in exprs
     kinds = {(panel.get("datasource") or {}).get("uid") for panel in panels(dashboard)}
-    assert {"prometheus", "tempo", "pyroscope"} <= kinds
+    assert {"prometheus", "tempo", "loki", "pyroscope"} <= kinds
     (profile,) = [t for p in panels(dashboard) if p["type"] == "flamegraph" for t in p["targets"]]
     assert profile["profileTypeId"] == CPU_PROFILE
     service_name = dotenv(REPO_ROOT / "app" / "app.env")["OTEL_SERVICE_NAME"]
     assert profile["labelSelector"] == f'{{service_name="{service_name}"}}'
+
+
+def loki_targets(dashboard: dict):
+    for panel in panels(dashboard):
+        for target in panel.get("targets", []):
+            if (target.get("datasource") or panel.get("datasource") or {}).get("uid") == "loki":
+                yield panel, target
+
+
+@pytest.mark.unit
+def test_overview_shows_recent_error_logs_of_the_app_linked_to_their_traces():
+    dashboard = load_dashboard("stack-overview")
+    ((panel, target),) = loki_targets(dashboard)
+    assert panel["type"] == "logs"
+    service_name = dotenv(REPO_ROOT / "app" / "app.env")["OTEL_SERVICE_NAME"]
+    # The stream label from service.name, then the OTLP severity (structured metadata): Python's ERROR,
+    # and CRITICAL, which opentelemetry-instrumentation-logging reports as FATAL.
+    assert target["expr"] == f'{{service_name="{service_name}"}} | severity_text=~"ERROR|FATAL"'
+    assert target["queryType"] == "range"
+    assert panel["options"]["enableLogDetails"] is True, "the trace link is in a line's details"
+    assert panel["options"]["sortOrder"] == "Descending"
+    # Each line links to its trace through the Loki datasource's derived field (trace_id -> Tempo).
+    assert datasources()["loki"]["jsonData"]["derivedFields"][0]["datasourceUid"] == "tempo"
 
 
 def dashboard_links(dashboard: dict) -> set[str]:

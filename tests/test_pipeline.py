@@ -229,7 +229,9 @@ def dashboard_queries() -> list[tuple[str, str]]:
 
         for panel in walk(dashboard.get("panels", [])):
             for target in panel.get("targets", []):
-                if "expr" in target and target.get("expr"):
+                # PromQL only: a Loki target's expr is LogQL, which the native stack has nothing to run on.
+                uid = (target.get("datasource") or panel.get("datasource") or {}).get("uid")
+                if uid == "prometheus" and target.get("expr"):
                     where = f"{path.name}:{panel.get('title')}"
                     found += [(where if source is None else f"{where} [source={source}]", expr)
                               for source, expr in with_source(dashboard, target["expr"])]

@@ -1,7 +1,7 @@
-"""Beyla, Tempo and Pyroscope configs, checked against the documented configuration of the pinned versions.
+"""Beyla, Tempo, Pyroscope and Loki configs, checked against the documented configuration of the pinned versions.
 
-None of the three can run here (Beyla needs kprobes; Tempo and Pyroscope are AGPL images only run in
-compose), so this is what can honestly be checked without them: the files parse, every key is one
+None of the four can run here (Beyla needs kprobes; Tempo, Pyroscope and Loki are AGPL images only run
+in compose), so this is what can honestly be checked without them: the files parse, every key is one
 the pinned version documents (Beyla even ignores unknown keys silently, so a typo would simply
 switch a feature off), enum values are accepted ones, and the settings this stack relies on are set.
 The allow-lists are transcribed from the sources named above each, at the versions in
@@ -12,6 +12,8 @@ them when an image is upgraded (a test fails until DOCUMENTED_VERSIONS matches .
 from __future__ import annotations
 
 import ast
+import re
+from datetime import date
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,8 @@ pytestmark = pytest.mark.unit
 # The versions whose documentation the allow-lists below were transcribed from (tags of the upstream
 # repositories). A copy of .env's values on purpose: upgrading an image must make someone re-read the
 # new version's config reference.
-DOCUMENTED_VERSIONS = {"BEYLA_VERSION": "3.33.0", "TEMPO_VERSION": "2.10.8", "PYROSCOPE_VERSION": "2.2.1"}
+DOCUMENTED_VERSIONS = {"BEYLA_VERSION": "3.33.0", "TEMPO_VERSION": "2.10.8", "PYROSCOPE_VERSION": "2.2.1",
+                       "LOKI_VERSION": "3.7.6"}
 
 
 def key_paths(node, prefix: str = "") -> set[str]:
@@ -324,3 +327,180 @@ def test_pyroscope_stores_profiles_on_local_disk_in_its_volume(pyroscope):
 def test_pyroscope_runs_as_one_binary(pyroscope):
     # target defaults to "all" (single binary); anything else would need the other components.
     assert pyroscope.get("target", "all") == "all"
+
+
+# --- Loki --------------------------------------------------------------------------------------------
+# grafana/loki at the tag v<LOKI_VERSION>: docs/sources/shared/configuration.md, generated from the config
+# structs ("Supported contents and default values of loki.yaml" and the blocks it refers to): every root
+# key, and the keys of the sections used. period_config is the item of schema_config.configs.
+LOKI_ROOT = {
+    "analytics", "auth_enabled", "ballast_bytes", "bloom_build", "bloom_gateway", "chunk_store_config", "common",
+    "compactor", "compactor_grpc_client", "dataobj", "distributor", "frontend", "frontend_worker", "index_gateway",
+    "ingest_limits", "ingest_limits_frontend", "ingest_limits_frontend_client", "ingester", "ingester_client",
+    "kafka_config", "limits_config", "memberlist", "metrics_namespace", "operational_config", "pattern_ingester",
+    "profiling", "querier", "query_engine", "query_range", "query_scheduler", "ruler", "ruler_storage",
+    "runtime_config", "schema_config", "server", "shutdown_delay", "storage_config", "table_manager", "target",
+    "tenant_limits_allow_publish", "tracing", "ui",
+}  # fmt: skip
+LOKI_SERVER = {
+    "graceful_shutdown_timeout", "grpc_listen_address", "grpc_listen_port", "http_listen_address",
+    "http_listen_port", "http_path_prefix", "http_server_idle_timeout", "http_server_read_timeout",
+    "http_server_write_timeout", "log_format", "log_level", "register_instrumentation",
+}  # fmt: skip
+LOKI_COMMON = {
+    "compactor_address", "compactor_grpc_address", "instance_addr", "instance_interface_names", "path_prefix",
+    "persist_tokens", "replication_factor", "ring", "scratch_path", "storage",
+}  # fmt: skip
+LOKI_PERIOD_CONFIG = {"chunks", "from", "index", "object_store", "row_shards", "schema", "store"}
+LOKI_COMPACTOR = {
+    "apply_retention_interval", "backup_delete_request_store_db_type", "compaction_interval", "compactor_ring",
+    "delete_batch_size", "delete_max_interval", "delete_request_cancel_period", "delete_request_store",
+    "delete_request_store_db_type", "delete_request_store_key_prefix", "deletion_marker_object_store_prefix",
+    "horizontal_scaling_mode", "jobs_config", "max_compaction_parallelism", "retention_backoff_config",
+    "retention_delete_delay", "retention_delete_worker_count", "retention_enabled", "retention_table_timeout",
+    "skip_latest_n_tables", "tables_to_compact", "upload_parallelism", "worker_config", "working_directory",
+}  # fmt: skip
+# limits_config: the write path's validation and rate limits, retention and the OTLP-related switches.
+LOKI_LIMITS = {
+    "allow_structured_metadata", "creation_grace_period", "discover_log_levels", "discover_service_name",
+    "ingestion_burst_size_mb", "ingestion_rate_mb", "ingestion_rate_strategy", "log_level_fields",
+    "max_global_streams_per_user", "max_label_name_length", "max_label_names_per_series", "max_label_value_length",
+    "max_line_size", "max_line_size_truncate", "max_line_size_truncate_identifier",
+    "max_structured_metadata_entries_count", "max_structured_metadata_size", "per_stream_rate_limit",
+    "per_stream_rate_limit_burst", "reject_old_samples", "reject_old_samples_max_age", "retention_period",
+    "retention_stream", "unordered_writes", "volume_enabled",
+}  # fmt: skip
+LOKI_ALLOWED = (
+    LOKI_ROOT
+    | {f"server.{k}" for k in LOKI_SERVER}
+    | {f"common.{k}" for k in LOKI_COMMON}
+    | {"common.storage.filesystem", "common.storage.filesystem.chunks_directory",
+       "common.storage.filesystem.rules_directory"}
+    | {"common.ring.kvstore", "common.ring.kvstore.store", "common.ring.replication_factor"}
+    | {"schema_config.configs"} | {f"schema_config.configs[].{k}" for k in LOKI_PERIOD_CONFIG}
+    | {f"schema_config.configs[].index.{k}" for k in ("path_prefix", "period", "prefix", "tags")}
+    | {f"compactor.{k}" for k in LOKI_COMPACTOR}
+    | {f"limits_config.{k}" for k in LOKI_LIMITS}
+    | {"analytics.reporting_enabled"}
+)  # fmt: skip
+# Loki's byte sizes (flagext.ByteSize, by github.com/c2h5oh/datasize): binary units, case-insensitive.
+LOKI_SIZE_UNITS = {"B": 1, "KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+
+
+def loki_bytes(value) -> int:
+    number, unit = re.fullmatch(r"(\d+)\s*([KMG]?B)?", str(value).upper()).groups()
+    return int(number) * LOKI_SIZE_UNITS[unit or "B"]
+
+
+def go_duration_hours(value: str) -> float:
+    units = {"h": 1, "m": 1 / 60, "s": 1 / 3600, "d": 24, "w": 168}
+    parts = re.findall(r"(\d+)([hmsdw])", value)
+    assert parts and "".join(n + u for n, u in parts) == value, f"unexpected duration {value!r}"
+    return sum(int(n) * units[u] for n, u in parts)
+
+
+@pytest.fixture(scope="module")
+def loki() -> dict:
+    return load("loki/loki-config.yaml")
+
+
+def test_loki_uses_only_documented_keys(loki):
+    assert not unknown_keys(loki, LOKI_ALLOWED), "not in the pinned Loki's configuration reference"
+
+
+def test_loki_key_check_catches_a_typo(loki):
+    broken = dict(loki, limits_config={**loki["limits_config"], "max_line_size_truncated": True})
+    assert unknown_keys(broken, LOKI_ALLOWED) == {"limits_config.max_line_size_truncated"}
+
+
+def test_loki_runs_as_one_binary_with_one_tenant(loki):
+    # target defaults to "all" (single binary): distributor, ingester, querier and compactor in one process.
+    assert loki.get("target", "all") == "all"
+    # No X-Scope-OrgID: neither the collector nor Grafana sends one.
+    assert loki["auth_enabled"] is False
+    common = loki["common"]
+    assert common["replication_factor"] == 1 and common["ring"]["kvstore"]["store"] == "inmemory"
+
+
+def test_loki_listens_where_compose_publishes_and_checks_it(loki):
+    service = compose()["services"]["loki"]
+    port = loki["server"]["http_listen_port"]
+    assert port in service_ports(service)
+    # The image is distroless: the healthcheck is the binary's own -health against its /ready.
+    test = service["healthcheck"]["test"]
+    assert test[:3] == ["CMD", "/usr/bin/loki", "-health"], test
+    assert f"-health.url=http://127.0.0.1:{port}/ready" in test
+
+
+def test_loki_stores_logs_on_local_disk_in_its_volume(loki):
+    (volume_target,) = [target for _, target in named_volumes(compose()["services"]["loki"])]
+    common = loki["common"]
+    # path_prefix also roots the directories left to their defaults: TSDB index, WAL, compactor.
+    paths = [common["path_prefix"], *common["storage"]["filesystem"].values()]
+    for path in paths:
+        assert Path(path).is_absolute() and Path(path).is_relative_to(volume_target), path
+    (period,) = loki["schema_config"]["configs"]
+    assert (period["store"], period["object_store"], period["schema"]) == ("tsdb", "filesystem", "v13")
+    assert period["index"]["period"] == "24h", "retention needs a 24h index period"
+    assert date.fromisoformat(str(period["from"])) <= date.today(), "the only period must start in the past"
+
+
+def test_loki_deletes_logs_when_tempo_deletes_their_traces(loki, tempo):
+    compactor, limits = loki["compactor"], loki["limits_config"]
+    assert compactor["retention_enabled"] is True
+    # Required with retention: where delete requests live (here, beside the chunks).
+    assert compactor["delete_request_store"] == loki["schema_config"]["configs"][0]["object_store"]
+    retention = go_duration_hours(limits["retention_period"])
+    assert retention >= 24, "Loki's smallest retention is 24h"
+    # A log line links to its trace: keep them as long as each other.
+    assert retention == go_duration_hours(tempo["compactor"]["compaction"]["block_retention"])
+
+
+def test_loki_keeps_trace_ids_of_otlp_records_as_structured_metadata(loki):
+    limits = loki["limits_config"]
+    assert limits["allow_structured_metadata"] is True
+    # The default OTLP mapping of the pinned version makes service.name the stream label service_name
+    # (what Grafana's trace-to-logs query and the dashboards select on) and the trace and span ids
+    # structured metadata. An otlp_config would change that mapping: check it against the docs first.
+    assert "otlp_config" not in limits
+    grafana = yaml.safe_load((REPO_ROOT / "grafana" / "provisioning" / "datasources" / "datasources.yaml").read_text())
+    (tempo_ds,) = [ds for ds in grafana["datasources"] if ds["uid"] == "tempo"]
+    assert {"key": "service.name", "value": "service_name"} in tempo_ds["jsonData"]["tracesToLogsV2"]["tags"]
+
+
+def test_the_collector_pushes_logs_to_lokis_otlp_endpoint(loki):
+    collector = load("otel-collector/otel-collector-config.yaml")
+    port = loki["server"]["http_listen_port"]
+    to_loki = {name: exporter["endpoint"] for name, exporter in collector["exporters"].items()
+               if str((exporter or {}).get("endpoint", "")).startswith("http://loki:")}
+    # otlp_http appends /v1/logs: Loki's native OTLP ingestion is /otlp/v1/logs.
+    assert to_loki and set(to_loki.values()) == {f"http://loki:{port}/otlp"}, to_loki
+    assert all(name.split("/")[0] in {"otlp_http", "otlphttp"} for name in to_loki), to_loki
+    logs_exporters = {e for name, pipeline in collector["service"]["pipelines"].items()
+                      if name.split("/")[0] == "logs" for e in pipeline["exporters"]}
+    assert set(to_loki) <= logs_exporters
+
+
+def test_loki_states_what_it_keeps_of_large_lines(loki):
+    limits = loki["limits_config"]
+    # Written out, not left to defaults: the README and the bad-input tests quote these values.
+    stated = {"max_line_size", "max_line_size_truncate", "max_line_size_truncate_identifier",
+              "max_structured_metadata_size", "max_structured_metadata_entries_count", "ingestion_rate_mb",
+              "ingestion_burst_size_mb", "per_stream_rate_limit", "per_stream_rate_limit_burst"}
+    assert stated <= set(limits)
+    line = loki_bytes(limits["max_line_size"])
+    assert line == 256 * 1024
+    # A longer line is cut to max_line_size, the identifier included, instead of being discarded.
+    assert limits["max_line_size_truncate"] is True
+    assert 0 < len(limits["max_line_size_truncate_identifier"].encode()) < line
+    # One record that fits the line limit also fits the rate limits: it cannot be refused for its size
+    # alone (the per-stream burst and the tenant's burst are at least one full line with its metadata).
+    record = line + loki_bytes(limits["max_structured_metadata_size"])
+    assert record <= loki_bytes(limits["per_stream_rate_limit_burst"])
+    assert record <= limits["ingestion_burst_size_mb"] * (1 << 20)
+
+
+def test_loki_byte_sizes_are_read_as_loki_reads_them():
+    assert loki_bytes("256KB") == 262_144 and loki_bytes("256kb") == 262_144 and loki_bytes("3MB") == 3 << 20
+    assert loki_bytes(1024) == 1024
+    assert go_duration_hours("24h") == 24 and go_duration_hours("1h30m") == 1.5

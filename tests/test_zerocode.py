@@ -307,6 +307,14 @@ def test_profile_span_ids_match_exported_root_spans(served):
 
 
 @pytest.mark.integration
-def test_no_logs_are_exported_while_the_collector_has_no_logs_pipeline(served):
-    # app/app.env sets OTEL_LOGS_EXPORTER=none; the distro's default (otlp) would send every log record.
-    assert served["otlp"].log_requests == []
+def test_every_worker_exports_its_log_records_over_otlp_with_the_trace_context(served):
+    # OTEL_LOGS_EXPORTER=otlp and opentelemetry-instrumentation-logging (app/app.env): one record per
+    # `Dice rolled` line, each in the trace of its request; tests/test_logs.py counts them end to end.
+    records = [(rl.resource, record) for request in served["otlp"].log_requests for rl in request.resource_logs
+               for sl in rl.scope_logs for record in sl.log_records]
+    rolled = [(resource, record) for resource, record in records if record.body.string_value.startswith("Dice rolled")]
+    assert len(rolled) == SENT_MIX["/"], len(rolled)
+    assert all(record.trace_id and record.span_id for _, record in rolled)
+    instances = {kv.value.string_value for resource, _ in rolled for kv in resource.attributes
+                 if kv.key == "service.instance.id"}
+    assert len(instances) == 2, f"records from {len(instances)} workers, expected both"

@@ -212,6 +212,7 @@ class StackPorts:
     prometheus: int
     alertmanager: int
     tempo_sink: int
+    loki_sink: int
     pyroscope_sink: int
     beyla: int  # nothing listens: Beyla needs kprobes, so its scrape target stays down, as it would
 
@@ -223,7 +224,7 @@ class StackPorts:
     def fixed(cls) -> StackPorts:
         return cls(app=5000, otlp_grpc=4317, otlp_http=4318, collector_health=13133, collector_metrics=8889,
                    collector_telemetry=8888, prometheus=9090, alertmanager=9093, tempo_sink=14317,
-                   pyroscope_sink=4040, beyla=9400)
+                   loki_sink=3100, pyroscope_sink=4040, beyla=9400)
 
     def target_map(self) -> dict[str, str]:
         """compose host:port -> local address, for every target a config names."""
@@ -251,11 +252,13 @@ def collector_overlay(ports: StackPorts, base: Path = COLLECTOR_CONFIG) -> dict:
         **r["pull"]["exporter"]["prometheus"], "host": "127.0.0.1", "port": ports.collector_telemetry}}})
         for r in readers]
     tempo_exporter = next(name for name in config["exporters"] if name.endswith("/tempo"))
+    loki_exporter = next(name for name in config["exporters"] if name.endswith("/loki"))
     return {
         "extensions": {"health_check": {"endpoint": f"127.0.0.1:{ports.collector_health}"}},
         "receivers": {"otlp": {"protocols": {"grpc": {"endpoint": f"127.0.0.1:{ports.otlp_grpc}"},
                                              "http": {"endpoint": f"127.0.0.1:{ports.otlp_http}"}}}},
         "exporters": {tempo_exporter: {"endpoint": f"127.0.0.1:{ports.tempo_sink}"},
+                      loki_exporter: {"endpoint": f"http://127.0.0.1:{ports.loki_sink}/otlp"},
                       "prometheus": {"endpoint": f"127.0.0.1:{ports.collector_metrics}"}},
         "service": {"telemetry": {"metrics": {"readers": readers}}},
     }
@@ -330,7 +333,8 @@ class NativeStack:
     """Collector, Prometheus, Alertmanager and the app as local processes, with Tempo and Pyroscope as
     capture sinks.
 
-    The sinks run in this process (`tempo_sink`, `pyroscope_sink`) so callers can inspect what arrived.
+    The sinks run in this process (`tempo_sink`, `loki_sink`, `pyroscope_sink`) so callers can inspect
+    what arrived.
     `alert_webhook` (a URL, e.g. a tooling.sinks.WebhookSink's) is added to Alertmanager's default
     receiver, and `alert_route_timings` override its route's; `extra_rule_files` are rule files
     Prometheus loads besides the committed ones.
@@ -339,11 +343,12 @@ class NativeStack:
     def __init__(self, run_dir: Path, ports: StackPorts | None = None, keep_traces: bool = True,
                  alert_webhook: str | None = None, extra_rule_files: tuple[Path, ...] = (),
                  alert_route_timings: dict[str, str] | None = None):
-        from tooling.sinks import OtlpSink, PyroscopeSink
+        from tooling.sinks import LogsSink, OtlpSink, PyroscopeSink
 
         self.run_dir = run_dir.resolve()  # children run with it as cwd, so relative paths would break
         self.ports = ports or StackPorts.free()
         self.tempo_sink = OtlpSink(port=self.ports.tempo_sink, keep=keep_traces)
+        self.loki_sink = LogsSink(port=self.ports.loki_sink)
         self.pyroscope_sink = PyroscopeSink(port=self.ports.pyroscope_sink)
         self.app_settings = AppSettings(
             port=self.ports.app, otlp_endpoint=f"http://127.0.0.1:{self.ports.otlp_grpc}",
@@ -446,6 +451,7 @@ class NativeStack:
         """Start everything; with_app=False leaves the app to the caller (the benchmark starts its own)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.tempo_sink.start()
+        self.loki_sink.start()
         self.pyroscope_sink.start()
         try:
             self.start_collector()
@@ -466,6 +472,7 @@ class NativeStack:
             if managed is not None:
                 managed.stop()
         self.tempo_sink.stop()
+        self.loki_sink.stop()
         self.pyroscope_sink.stop()
 
     def urls(self) -> dict[str, str]:
@@ -476,6 +483,7 @@ class NativeStack:
             "collector metrics": self.collector_metrics_url,
             "collector health": f"http://127.0.0.1:{self.ports.collector_health}/",
             "tempo sink (OTLP gRPC)": f"127.0.0.1:{self.ports.tempo_sink}",
+            "loki sink (OTLP HTTP)": f"{self.loki_sink.address}/otlp",
             "pyroscope sink": self.pyroscope_sink.address,
         }
 
@@ -560,7 +568,8 @@ def _serve() -> int:
         URLS_FILE.write_text(json.dumps(stack.urls(), indent=2))
         while not stop:
             time.sleep(10)
-            print(f"tempo sink: {len(stack.tempo_sink.spans())} spans; pyroscope sink: "
+            print(f"tempo sink: {len(stack.tempo_sink.spans())} spans; loki sink: "
+                  f"{len(stack.loki_sink.records())} log records; pyroscope sink: "
                   f"{len(stack.pyroscope_sink.snapshot())} profiles", flush=True)
     finally:
         stack.down()

@@ -1,10 +1,10 @@
-"""Capture sinks for the backends that cannot run on a machine without Docker (Tempo, the Pyroscope server),
-and for where Alertmanager's notifications would go (an e-mail or chat service).
+"""Capture sinks for the backends that cannot run on a machine without Docker (Tempo, Loki, the Pyroscope
+server), and for where Alertmanager's notifications would go (an e-mail or chat service).
 
 They only receive and decode, with real libraries: opentelemetry-proto for OTLP, protobuf for the Pyroscope
 push body and the pprof inside it, json for Alertmanager's webhook. They never stand in for a component that
-can run here (the collector, Prometheus, Alertmanager): the tests use them where Tempo, Pyroscope or a
-notification receiver would sit.
+can run here (the collector, Prometheus, Alertmanager): the tests use them where Tempo, Loki, Pyroscope or
+a notification receiver would sit.
 """
 
 from __future__ import annotations
@@ -20,10 +20,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2, logs_service_pb2_grpc
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+from opentelemetry.proto.logs.v1 import logs_pb2
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
+from opentelemetry.proto.resource.v1 import resource_pb2
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 PUSH_PATH = "/push.v1.PusherService/Push"
@@ -160,6 +165,159 @@ class OtlpSink:
             key = tuple(point.attributes.get(k) for k in keys)
             totals[key] = totals.get(key, 0) + point.count
         return totals
+
+
+# ---------------------------------------------------------------------------------------------- OTLP logs
+
+LOKI_OTLP_LOGS_PATH = "/otlp/v1/logs"
+
+
+@dataclass
+class CapturedLogRecord:
+    resource: dict
+    scope: str
+    record: LogRecord
+
+    @property
+    def body(self):
+        return any_value(self.record.body)
+
+    @property
+    def attributes(self) -> dict:
+        return attributes(self.record.attributes)
+
+    @property
+    def trace_id(self) -> str:
+        """Hex, or "" for a record written outside any span."""
+        return self.record.trace_id.hex()
+
+    @property
+    def span_id(self) -> str:
+        return self.record.span_id.hex()
+
+    @property
+    def severity(self) -> str:
+        return self.record.severity_text
+
+
+@dataclass
+class LogsSink:
+    """Loki's native OTLP endpoint as the collector's `otlp_http` exporter calls it (`POST /otlp/v1/logs`,
+    protobuf, gzip): keeps every record decoded. `stop()` then `start()` is an outage and a restart on
+    the same port."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    requests: list[logs_service_pb2.ExportLogsServiceRequest] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    # Requests that are valid protobuf except for strings that are not UTF-8, which the Python protobuf
+    # runtime refuses to parse. Loki 3 accepts them and stores such a body as received (grafana/loki
+    # #24574), so the sink answers as Loki does and keeps the raw bytes.
+    not_utf8: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._bind()
+        self.address = f"http://{self.host}:{self.port}"
+
+    def _bind(self) -> None:
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server naming
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    if self.path != LOKI_OTLP_LOGS_PATH:
+                        raise ValueError(f"unexpected path {self.path}")
+                    if "protobuf" not in self.headers.get("Content-Type", ""):
+                        raise ValueError(f"unexpected content type {self.headers.get('Content-Type')}")
+                    if self.headers.get("Content-Encoding") == "gzip":
+                        body = gzip.decompress(body)
+                    try:
+                        request = logs_service_pb2.ExportLogsServiceRequest.FromString(body)
+                    except DecodeError:
+                        if not _valid_utf8_aside(body):
+                            raise
+                        request = None
+                except Exception as exc:  # noqa: BLE001 - record and answer 400, like a strict server
+                    sink.rejected.append(f"{self.path}: {exc}")
+                    self.send_response(400)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                with sink._lock:
+                    if request is None:
+                        sink.not_utf8.append(body)
+                    else:
+                        sink.requests.append(request)
+                answer = logs_service_pb2.ExportLogsServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, *args):  # keep test output readable
+                pass
+
+        server = ThreadingHTTPServer((self.host, self.port), Handler)
+        self.port = server.server_address[1]
+        self._server = server
+
+    def start(self) -> LogsSink:
+        if self._server is None:
+            self._bind()  # a restart: the same port again
+        threading.Thread(target=self._server.serve_forever, name="logs-sink", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """The port refuses connections until start() again."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def records(self) -> list[CapturedLogRecord]:
+        with self._lock:
+            requests = list(self.requests)
+        return [CapturedLogRecord(attributes(rl.resource.attributes), sl.scope.name, record)
+                for request in requests for rl in request.resource_logs for sl in rl.scope_logs
+                for record in sl.log_records]
+
+
+def _bytes_for_strings_twin(message_name: str, *files) -> type:
+    """A message class of the same schema with every `string` field declared `bytes`: it parses what
+    the real class refuses only for text that is not UTF-8 (protobuf's wire format is the same)."""
+    pool = descriptor_pool.DescriptorPool()
+
+    def loosen(messages) -> None:
+        for message in messages:
+            for item in message.field:
+                if item.type == descriptor_pb2.FieldDescriptorProto.TYPE_STRING:
+                    item.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
+            loosen(message.nested_type)
+
+    for file in files:
+        proto = descriptor_pb2.FileDescriptorProto()
+        file.CopyToProto(proto)
+        loosen(proto.message_type)
+        pool.Add(proto)
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(message_name))
+
+
+_LENIENT_LOGS_REQUEST = _bytes_for_strings_twin(
+    "opentelemetry.proto.collector.logs.v1.ExportLogsServiceRequest",
+    common_pb2.DESCRIPTOR, resource_pb2.DESCRIPTOR, logs_pb2.DESCRIPTOR, logs_service_pb2.DESCRIPTOR)
+
+
+def _valid_utf8_aside(body: bytes) -> bool:
+    """Whether `body` is a logs request that failed to parse only because some text is not UTF-8."""
+    try:
+        _LENIENT_LOGS_REQUEST.FromString(body)
+    except DecodeError:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------------ Pyroscope and pprof

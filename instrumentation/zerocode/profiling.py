@@ -48,8 +48,14 @@ class ProfilingSettings:
 
 
 def _ensure_visible_logging() -> None:
-    # The hook runs before the app configures logging; without a handler of our own, INFO lines vanish.
-    if not log.handlers:
+    # The hook runs before the app configures logging. With OTEL_PYTHON_LOG_CORRELATION the logging
+    # instrumentation has already configured the root logger (stdout with trace ids, and the OTLP
+    # handler), so our lines go there like the app's; without it, INFO lines would vanish unless we
+    # give them a handler of our own.
+    root = logging.getLogger()
+    root_prints_info = root.getEffectiveLevel() <= logging.INFO and any(
+        isinstance(handler, logging.StreamHandler) for handler in root.handlers)
+    if not log.handlers and not root_prints_info:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
         log.addHandler(handler)

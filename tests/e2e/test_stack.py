@@ -8,9 +8,12 @@ here under its own project name), sends a known load, then asserts:
 - Tempo's search finds a `GET /` trace and an error trace for /fail;
 - Pyroscope has a CPU profile of dice-api with the view function's frame, and the span ids that
   traces carry as pyroscope.profile.id resolve to span profiles;
+- Loki, by LogQL over the same known load, has one `Dice rolled` record per `GET /` and one ERROR record
+  per `/fail`; the trace id of a /fail trace in Tempo finds its ERROR record as structured metadata
+  (service_name is the only stream label of the two);
 - Prometheus sends its alerts to the compose Alertmanager, which runs alone (no HA cluster);
-- Grafana's health check passes for every datasource, every provisioned dashboard loads, and its
-  PromQL returns data through Grafana;
+- Grafana's health check passes for every datasource, Loki's included, every provisioned dashboard
+  loads, and its queries (PromQL, and the LogQL of the logs panel) return data through Grafana;
 and tears the stack down with its volumes (E2E_KEEP_STACK=1 keeps it for a look).
 Compose's logs are written to .cache/e2e/ before teardown, for CI to keep when something fails.
 """
@@ -50,6 +53,7 @@ APP = published("APP_PORT")
 PROMETHEUS = published("PROMETHEUS_PORT")
 ALERTMANAGER = published("ALERTMANAGER_PORT")
 TEMPO = published("TEMPO_PORT")
+LOKI = published("LOKI_PORT")
 PYROSCOPE = published("PYROSCOPE_PORT")
 GRAFANA = published("GRAFANA_PORT")
 LOCUST = published("LOCUST_PORT")
@@ -152,8 +156,10 @@ def load(stack) -> dict[tuple[str, str], int]:
     def send(path: str) -> tuple[str, int]:
         return path, session.get(APP + path, timeout=10).status_code
 
+    started = time.time()
     with ThreadPoolExecutor(max_workers=4) as pool:
         answers = list(pool.map(send, plan))
+    finished = time.time()
     wrong = [(p, s) for p, s in answers if s != expected_status.get(p, 404)]
     assert not wrong, f"unexpected answers from the app: {wrong[:10]}"
     sent = Counter((p if p in expected_status else "/**", str(s)) for p, s in answers)
@@ -170,7 +176,9 @@ def load(stack) -> dict[tuple[str, str], int]:
     finally:
         requests.post(f"{LOCUST}/swarm", data={"user_count": 5, "spawn_rate": 1, "host": "http://app:5000"},
                       timeout=10)
-    return {"sent": sent, "counted": counted, "beyla": beyla}
+    # The window of the known load, for the sources that are read by time (Loki): every request was
+    # answered between these two instants, and the app logged it while answering.
+    return {"sent": sent, "counted": counted, "beyla": beyla, "window": (started, finished)}
 
 
 def prometheus_query(query: str) -> list[dict]:
@@ -272,6 +280,86 @@ def test_tempo_finds_an_error_trace_for_fail(load):
     assert any(trace.get("rootTraceName") == "GET /fail" for trace in traces)
 
 
+# --- logs --------------------------------------------------------------------------------------------
+
+
+def loki_get(path: str, params: dict, categorize: bool = False) -> dict:
+    # categorize-labels: each entry carries its structured metadata apart from the stream's labels.
+    headers = {"X-Loki-Response-Encoding-Flags": "categorize-labels"} if categorize else {}
+    response = requests.get(f"{LOKI}/loki/api/v1/{path}", params=params, headers=headers, timeout=30)
+    assert response.ok, f"Loki {path} {params}: {response.status_code} {response.text[:500]}"
+    answer = response.json()
+    assert answer["status"] == "success", answer
+    return answer
+
+
+def loki_count_in_window(logql_selector: str, window: tuple[float, float]) -> int:
+    """How many records `logql_selector` matches whose time lies in the window (one second of slack each
+    side; the load ran alone, locust's background load stopped, so nothing else falls in it)."""
+    start, end = window[0] - 1, window[1] + 1
+    seconds = int(end - start) + 1
+    query = f"sum(count_over_time({logql_selector} [{seconds}s]))"
+    result = loki_get("query", {"query": query, "time": str(int(end * 1e9))})["data"]["result"]
+    return int(float(result[0]["value"][1])) if result else 0
+
+
+def wait_for_count(logql_selector: str, window: tuple[float, float], expected: int) -> int:
+    def count():
+        seen = loki_count_in_window(logql_selector, window)
+        # Raised, not returned: poll then reports the last count seen if it never matches.
+        assert seen == expected, f"{seen} records match {logql_selector}, expected {expected}"
+        return seen
+
+    return poll(count, 180, f"Loki counting {expected} records of {logql_selector}", interval=5)
+
+
+def test_loki_has_one_dice_rolled_record_per_get_root(load):
+    # app.py logs `Dice rolled: N` once per GET /; the SDK's logging handler exports each record.
+    expected = load["sent"][("/", "200")]
+    selector = f'{{service_name="{SERVICE}"}} |= "Dice rolled"'
+    print(f"\nsent GET / {expected}, Loki {wait_for_count(selector, load['window'], expected)}")
+
+
+def test_loki_has_one_error_record_per_failed_request(load):
+    # app.py's error handler logs the traceback once per /fail, at ERROR.
+    expected = load["sent"][("/fail", "500")]
+    selector = f'{{service_name="{SERVICE}"}} | severity_text="ERROR" |= "Intentional failure"'
+    wait_for_count(selector, load["window"], expected)
+
+
+def test_a_trace_id_from_tempo_finds_its_logs_in_loki_by_structured_metadata(load):
+    query = f'{{ resource.service.name = "{SERVICE}" && span.http.route = "/fail" && status = error }}'
+    start, end = load["window"][0] - 3600, time.time() + 60
+
+    def logs_of_a_trace():
+        # The first /fail trace whose records Loki has (a trace is searchable before its logs arrive).
+        for trace in tempo_search(query, limit=10):
+            trace_id = trace["traceID"].rjust(32, "0")  # Tempo's search may drop leading zeros
+            params = {"query": f'{{service_name="{SERVICE}"}} | trace_id="{trace_id}"', "limit": 100,
+                      "start": str(int(start * 1e9)), "end": str(int(end * 1e9))}
+            streams = loki_get("query_range", params, categorize=True)["data"]["result"]
+            if streams:
+                return trace_id, [(stream["stream"], value) for stream in streams for value in stream["values"]]
+        return None
+
+    trace_id, entries = poll(logs_of_a_trace, 180, "a /fail trace in Tempo whose trace id Loki finds", interval=5)
+    for labels, (_, _, metadata) in entries:
+        # trace_id is structured metadata of the entry, never a label of its stream.
+        assert labels.get("service_name") == SERVICE and "trace_id" not in labels and "span_id" not in labels
+        assert metadata["structuredMetadata"]["trace_id"] == trace_id
+    errors = [line for _, (_, line, metadata) in entries
+              if metadata["structuredMetadata"].get("severity_text") == "ERROR"]
+    assert any("Intentional failure" in line for line in errors), entries[:3]
+
+
+def test_loki_indexes_service_name_but_not_trace_ids(load):
+    labels = poll(lambda: loki_get("labels", {})["data"], 60, "Loki's stream labels", interval=5)
+    assert "service_name" in labels
+    assert not {"trace_id", "span_id"} & set(labels), labels
+    values = loki_get("label/service_name/values", {})["data"]
+    assert SERVICE in values
+
+
 # --- profiles ----------------------------------------------------------------------------------------
 
 
@@ -328,7 +416,7 @@ def test_prometheus_sends_alerts_to_the_alertmanager(stack):
 
 
 def test_grafana_datasources_are_healthy(stack):
-    for uid in ("prometheus", "tempo", "pyroscope"):
+    for uid in ("prometheus", "tempo", "loki", "pyroscope"):
 
         def health(uid=uid):
             response = requests.get(f"{GRAFANA}/api/datasources/uid/{uid}/health", auth=stack.admin, timeout=30)
