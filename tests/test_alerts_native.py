@@ -43,7 +43,7 @@ DRIFT, SLO = f"x{DRIFT_FACTOR}", f"x{SLO_FACTOR}"
 ROUTE_TIMINGS = {"group_wait": "5s", "group_interval": "10s", "repeat_interval": "1h"}
 USERS = 5  # compose's background load (locust/locust.env)
 STEADY_AFTER = 45  # every source has published twice, so each has a 1-minute rate
-WARMUP_SECONDS = STEADY_AFTER + 30
+WARMUP_SECONDS = STEADY_AFTER + 20
 EXPECTED = {"BeylaTargetDown": "Beyla needs kprobes, which these machines lack: its target is down"}
 DRIFT_ALERTS = {"DiceTelemetrySourceSilent", "DiceTelemetrySourcesDisagree", "OtelCollectorRefusingData",
                 "OtelCollectorExportFailing"}

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 
 def test_a_short_run_measures_every_mode_and_writes_its_outputs(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "tooling.bench", "--rounds", "1", "--seconds", "3", "--closed-loop", "vegeta",
+        [sys.executable, "-m", "tooling.bench", "--rounds", "1", "--seconds", "2", "--closed-loop", "vegeta",
          "--modes", "plain,otel,lean,quiet", "--variant", "quiet:OTEL_TRACES_SAMPLER=always_off",
          "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     print(result.stdout[-3000:])

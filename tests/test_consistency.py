@@ -33,16 +33,22 @@ PUBLISHED_PORT = re.compile(
 )
 
 # Copies of a version outside .env that a test keeps equal to it.
+# k8s/images/kustomization.yaml: kustomize cannot read .env, so tooling/k8s_render.py copies every image
+# version there, and tests/test_k8s_manifests.py fails when the copy differs from .env.
+K8S_IMAGES = "k8s/images/kustomization.yaml"
 TIED_VERSION_COPIES = {
     # test_collector.py: the builder manifest's components are at the compose image's version.
-    "OTEL_COLLECTOR_VERSION": {"otel-collector/builder-config.yaml"},
+    "OTEL_COLLECTOR_VERSION": {"otel-collector/builder-config.yaml", K8S_IMAGES},
     # below: the tests drive load with the locust of the image.
-    "LOCUST_VERSION": {"requirements-dev.txt"},
+    "LOCUST_VERSION": {"requirements-dev.txt", K8S_IMAGES},
     # test_service_configs.py: the versions whose config reference its allow-lists follow.
-    "BEYLA_VERSION": {"tests/test_service_configs.py"},
-    "TEMPO_VERSION": {"tests/test_service_configs.py"},
-    "PYROSCOPE_VERSION": {"tests/test_service_configs.py"},
-    "LOKI_VERSION": {"tests/test_service_configs.py"},
+    "BEYLA_VERSION": {"tests/test_service_configs.py", K8S_IMAGES},
+    "TEMPO_VERSION": {"tests/test_service_configs.py", K8S_IMAGES},
+    "PYROSCOPE_VERSION": {"tests/test_service_configs.py", K8S_IMAGES},
+    "LOKI_VERSION": {"tests/test_service_configs.py", K8S_IMAGES},
+    "PROMETHEUS_VERSION": {K8S_IMAGES},
+    "ALERTMANAGER_VERSION": {K8S_IMAGES},
+    "GRAFANA_VERSION": {K8S_IMAGES},
 }
 
 
