@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 .DEFAULT_GOAL := help
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): requirements-dev.txt app/requirements.txt app/requirements-otel.txt pyproject.toml instrumentation/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -68,10 +68,13 @@ up: ## start the whole stack in Docker and wait until it is healthy
 down: ## stop the Docker stack and delete its volumes
 	docker compose down -v
 
-e2e: $(STAMP) ## only the docker tier (needs a Docker engine)
-	$(PY) -m pytest -m e2e tests/e2e
+e2e: $(STAMP) ## only the docker tier: the compose stack (needs a Docker engine)
+	$(PY) -m pytest -m e2e tests/e2e/test_stack.py
+
+e2e-k8s: $(STAMP) k8s-tools ## the docker tier on Kubernetes: k8s/ on a kind cluster with the Operator (needs Docker)
+	$(PY) -m pytest -m e2e tests/e2e/test_kind.py
 
 clean: ## remove the venv and cached builds
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: help venv collector prometheus alertmanager sloth test lint native-up native-down compare bench up down e2e clean
+.PHONY: help venv collector prometheus alertmanager sloth k8s-tools k8s test lint native-up native-down compare bench up down e2e e2e-k8s clean

@@ -85,8 +85,13 @@ def test_the_instrumentation_image_is_laid_out_as_the_operator_expects():
     assert copies == {("app/requirements.txt", "app/"), ("app/requirements-otel.txt", "app/"),
                       ("instrumentation", "instrumentation/")}
     assert any("chmod -R go+rX /autoinstrumentation" in i for i in build)
-    # busybox (for the init container's `cp`), pinned, with the folder where the Operator copies from.
-    assert re.fullmatch(r"FROM busybox:\d+\.\d+\.\d+", final[0]), final[0]
+    # busybox (for the init container's `cp`), pinned by .env through a build argument declared before the
+    # first FROM (where a FROM can use it), with the folder where the Operator copies from.
+    assert final[0] == "FROM busybox:${BUSYBOX_VERSION}", final[0]
+    every = [i for _, i in inj.instructions(inj.INSTRUMENTATION_DOCKERFILE.read_text())]
+    preamble = every[:next(n for n, i in enumerate(every) if i.upper().startswith("FROM "))]
+    assert "ARG BUSYBOX_VERSION" in preamble, f"ARG BUSYBOX_VERSION must come before the first FROM: {preamble}"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", load_env_file(REPO_ROOT / ".env")["BUSYBOX_VERSION"])
     assert "COPY --from=build /autoinstrumentation /autoinstrumentation" in final
     # The image's tag is the hooks' version, and the Instrumentation resource points at it.
     import tomllib

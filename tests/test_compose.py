@@ -44,6 +44,19 @@ NO_HEALTHCHECK = {
     "beyla": None,
 }
 
+# .env settings that docker-compose.yml does not read: the Kubernetes path's, in the block of .env after
+# KUBERNETES_BLOCK, each with the file(s) that read it (a test keeps both true, so the list cannot go stale).
+KUBERNETES_BLOCK = "# The Kubernetes path ("
+KIND_TIER = "tests/e2e/test_kind.py"
+KUBERNETES_SETTINGS = {
+    # built and run by tests/test_k8s.py, installed by users and by the kind tier
+    "OTEL_OPERATOR_VERSION": {"tooling/k8s_build.py", "README.md", KIND_TIER},
+    "CERT_MANAGER_VERSION": {"README.md", KIND_TIER},  # installed before the Operator
+    "KIND_VERSION": {"tooling/k8s_build.py"},  # kind_binary(), which the kind tier runs
+    "KIND_NODE_IMAGE": {"tooling/k8s_build.py", KIND_TIER},  # the kind tier's nodes; kind_node_image() checks it
+    "BUSYBOX_VERSION": {"instrumentation/Dockerfile", "README.md", KIND_TIER},  # a build argument
+}
+
 # Where each backend keeps its data (the images' data directories).
 DATA_DIRS = {"prometheus": "/prometheus", "alertmanager": "/alertmanager", "tempo": "/var/tempo", "pyroscope": "/data",
              "loki": "/loki", "grafana": "/var/lib/grafana"}
@@ -106,8 +119,20 @@ def test_every_variable_is_defined_in_dotenv():
 
 
 def test_every_dotenv_setting_is_used():
-    unused = set(dotenv()) - variables(compose_text())
+    unused = set(dotenv()) - variables(compose_text()) - set(KUBERNETES_SETTINGS)
     assert not unused, f".env settings that docker-compose.yml never reads: {sorted(unused)}"
+
+
+def test_the_settings_compose_does_not_read_are_the_kubernetes_block_and_read_where_stated():
+    _, header, block = DOTENV_FILE.read_text().partition(KUBERNETES_BLOCK)
+    assert header, f".env has no block headed {KUBERNETES_BLOCK!r}"
+    in_block = set(re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)=", block, re.M))
+    assert in_block == set(KUBERNETES_SETTINGS), "the Kubernetes block of .env (its last) holds exactly these"
+    assert not set(KUBERNETES_SETTINGS) & variables(compose_text()), "compose reads it: no exemption needed"
+    for key, files in KUBERNETES_SETTINGS.items():
+        for name in files:
+            text = (REPO_ROOT / name).read_text()
+            assert re.search(rf"(?<![A-Za-z0-9_]){key}(?![A-Za-z0-9_])", text), f"{name} does not read {key}"
 
 
 def test_no_password_is_committed():
@@ -314,8 +339,17 @@ def test_the_docker_tier_workflow_is_valid_and_cannot_skip_silently():
         timeout=120,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    (job,) = yaml.safe_load(workflow.read_text())["jobs"].values()
-    assert job["runs-on"] == "ubuntu-latest"
-    (run,) = [step for step in job["steps"] if "make e2e" in step.get("run", "")]
-    assert run["env"]["E2E_REQUIRE_DOCKER"] == "1"
-    assert re.search(r"^e2e:", (REPO_ROOT / "Makefile").read_text(), re.MULTILINE)
+    # One job per deployment of the docker tier: compose (make e2e) and kind (make e2e-k8s), each with its
+    # make target, each failing instead of skipping when the runner has no Docker engine.
+    jobs = yaml.safe_load(workflow.read_text())["jobs"]
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    targets = {}
+    for name, job in jobs.items():
+        assert job["runs-on"] == "ubuntu-latest", name
+        (run,) = [step for step in job["steps"] if re.search(r"\bmake e2e", step.get("run", ""))]
+        assert run["env"]["E2E_REQUIRE_DOCKER"] == "1", name
+        target = re.search(r"make (e2e[\w-]*)", run["run"]).group(1)
+        assert re.search(rf"^{target}:", makefile, re.MULTILINE), f"{name} runs `make {target}`, which is not a target"
+        targets[target] = re.search(rf"^{target}:.*\n\t(.*)", makefile, re.MULTILINE).group(1)
+    assert set(targets) == {"e2e", "e2e-k8s"}, targets
+    assert targets["e2e"].endswith("tests/e2e/test_stack.py") and targets["e2e-k8s"].endswith("tests/e2e/test_kind.py")

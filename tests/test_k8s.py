@@ -26,6 +26,7 @@ from __future__ import annotations
 import base64
 import copy
 import ctypes
+import dataclasses
 import hashlib
 import json
 import os
@@ -54,7 +55,7 @@ DOTENV = REPO_ROOT / ".env"
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 
 INJECT_PYTHON = "instrumentation.opentelemetry.io/inject-python"
-# What the Operator (v0.140.0, internal/instrumentation/python.go) puts into an annotated Pod.
+# What the Operator (OTEL_OPERATOR_VERSION in .env, internal/instrumentation/python.go) puts into an annotated Pod.
 INIT_CONTAINER = "opentelemetry-auto-instrumentation-python"
 MOUNT_PATH = "/otel-auto-instrumentation-python"
 COPY_COMMAND = ["cp", "-r", "/autoinstrumentation/.", MOUNT_PATH]
@@ -756,20 +757,55 @@ def test_the_builds_are_stamped_and_keyed_by_version():
         for stamp in ("gitVersion=v1.34.4", "gitMajor=1", "gitMinor=34"):
             assert f"-X {package}.{stamp}" in flags
     assert k8s_build.kubernetes_staging_version("v1.34.4") == "v0.34.4"
-    versions_txt = "# comment\nopentelemetry-collector=0.140.0\noperator=0.140.0\ntargetallocator=0.140.0\n" + \
-        "operator-opamp-bridge=0.140.0\nautoinstrumentation-java=1\nautoinstrumentation-nodejs=2\n" + \
+    # A made-up release: the real one is stated in .env only.
+    versions_txt = "# comment\nopentelemetry-collector=0.987.0\noperator=0.987.0\ntargetallocator=0.987.0\n" + \
+        "operator-opamp-bridge=0.987.0\nautoinstrumentation-java=1\nautoinstrumentation-nodejs=2\n" + \
         "autoinstrumentation-python=0.59b0\nautoinstrumentation-dotnet=3\nautoinstrumentation-go=v4\n" + \
         "autoinstrumentation-apache-httpd=5\nautoinstrumentation-nginx=6\n"
-    flags = k8s_build.operator_ldflags("v0.140.0", versions_txt)
+    flags = k8s_build.operator_ldflags("v0.987.0", versions_txt)
     assert f"-X {k8s_build.OPERATOR_MODULE}/internal/version.autoInstrumentationPython=0.59b0" in flags
-    assert f"-X {k8s_build.OPERATOR_MODULE}/internal/version.version=0.140.0" in flags
+    assert f"-X {k8s_build.OPERATOR_MODULE}/internal/version.version=0.987.0" in flags
     with pytest.raises(k8s_build.K8sBuildError, match="autoinstrumentation-nginx"):
-        k8s_build.operator_ldflags("v0.140.0", versions_txt.replace("autoinstrumentation-nginx=6\n", ""))
+        k8s_build.operator_ldflags("v0.987.0", versions_txt.replace("autoinstrumentation-nginx=6\n", ""))
     assert k8s_build.kubernetes_recipe("v1.34.4") != k8s_build.kubernetes_recipe("v1.34.5")
     paths = k8s_build.tools_paths()
     for path in (paths.kubectl, paths.etcd, paths.kubeconform, paths.operator):
         assert path.is_relative_to(REPO_ROOT / ".cache"), path
     assert paths.kubectl.parent.name.startswith(k8s_build.KUBERNETES_VERSION.removeprefix("v") + "-")
+
+
+@pytest.mark.unit
+def test_the_operator_and_kind_are_the_dotenv_releases_and_kind_is_built_only_on_demand(tmp_path):
+    env = load_env_file(DOTENV)
+    assert k8s_build.OTEL_OPERATOR_VERSION == env["OTEL_OPERATOR_VERSION"]
+    assert k8s_build.kind_version() == env["KIND_VERSION"]
+    assert k8s_build.kind_node_image() == env["KIND_NODE_IMAGE"]
+    # `go install` of the module at the release (made up here: the real one is stated in .env only), into
+    # .cache/kind/<version>-<recipe hash>/kind; another release or other flags give another folder.
+    assert k8s_build.kind_install_args("v9.87.6") == [
+        "install", "-trimpath", "-ldflags=-s -w", "sigs.k8s.io/kind@v9.87.6"]
+    recipe = k8s_build.kind_recipe("v9.87.6")
+    assert (recipe["module"], recipe["version"], recipe["env"]) == (
+        "sigs.k8s.io/kind", "v9.87.6", {"CGO_ENABLED": "0"})
+    path = k8s_build.kind_path("v9.87.6")
+    assert path.name == "kind" and path.parent.parent == REPO_ROOT / ".cache" / "kind"
+    assert path.parent.name == f"9.87.6-{k8s_build._digest(recipe)}"
+    assert k8s_build.kind_path("v9.87.7").parent != path.parent
+    assert k8s_build.kind_path() == k8s_build.kind_path(env["KIND_VERSION"])
+    # Not part of the default set: with nothing built, k8s_tools() would build all but kind.
+    nothing_built = K8sTools(**{f.name: tmp_path / "empty" / f.name for f in dataclasses.fields(K8sTools)})
+    assert list(k8s_build._missing(nothing_built)) == ["kube-apiserver + kubectl", "etcd", "kubeconform", "operator",
+                                                       "kubernetes schemas", "operator CRD schemas"]
+    # What .env may say: release tags, and a node image at the manifests' Kubernetes minor with its digest.
+    digest = "@sha256:" + "0" * 64
+    for setting, problem in (("KIND_VERSION=latest", "release tag"), ("KIND_VERSION=", "sets no KIND_VERSION"),
+                             ("KIND_NODE_IMAGE=kindest/node:v1.34.99", "digest"),
+                             (f"KIND_NODE_IMAGE=kindest/node:v1.99.0{digest}", "minor")):
+        bad = tmp_path / "bad.env"
+        key = setting.split("=", 1)[0]
+        bad.write_text(f"KIND_VERSION=v9.87.6\nKIND_NODE_IMAGE=kindest/node:v1.34.99{digest}\n{setting}\n")
+        with pytest.raises(k8s_build.K8sBuildError, match=problem):
+            (k8s_build.kind_version if key == "KIND_VERSION" else k8s_build.kind_node_image)(bad)
 
 
 # The injected run, chained to the webhook test above: tests/k8s_injection_checks.py starts the owners'

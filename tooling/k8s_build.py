@@ -5,9 +5,9 @@ No container runtime runs here, but a real API server does. This module builds a
 - **kube-apiserver and kubectl** of Kubernetes KUBERNETES_VERSION, from the `k8s.io/kubernetes` Go module;
 - **etcd** ETCD_VERSION, from `go.etcd.io/etcd/server/v3` (the module whose `main.go` is the `etcd` command);
 - **kubeconform** KUBECONFORM_VERSION, from `github.com/yannh/kubeconform`;
-- **the OpenTelemetry Operator** OTEL_OPERATOR_VERSION (its manager binary, from
-  `github.com/open-telemetry/opentelemetry-operator`), with its CRDs and webhook manifests copied from the
-  same module zip;
+- **the OpenTelemetry Operator** of OTEL_OPERATOR_VERSION in .env, the release users install (its manager
+  binary, from `github.com/open-telemetry/opentelemetry-operator`), with its CRDs and webhook manifests copied
+  from the same module zip;
 - **JSON schemas for kubeconform**: Kubernetes' strict schemas of SCHEMA_KUBERNETES_VERSION from the PyPI
   package kubernetes-validate (made local: their `$id`/`$ref` point at the web as shipped, and kubeconform
   then only says "could not find schema"), and the Operator's CRDs converted by kubeconform's own
@@ -31,10 +31,16 @@ Measured on 2 cores (2026-11-30): about 21 minutes with Go's caches cold and the
 .cache with Go's caches warm (a fresh clone on a used machine: mostly linking); 0.1 s when cached.
 
 ``python -m tooling.k8s_build`` builds whatever is missing and prints where each part is.
+
+On demand only, never by `k8s_tools()` (the tests that need no cluster never need it): **kind** of
+KIND_VERSION in .env, by `go install sigs.k8s.io/kind@<KIND_VERSION>`, into ``.cache/kind/`` the same way
+(`kind_binary()`, or ``python -m tooling.k8s_build --kind``), for the tier that runs the stack in a kind
+cluster on Docker; `kind_node_image()` is the node image it runs (KIND_NODE_IMAGE in .env).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
@@ -48,16 +54,36 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from tooling.envfile import DOTENV, load_env_file
 from tooling.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_ROOT = REPO_ROOT / ".cache"
 
+
+class K8sBuildError(RuntimeError):
+    """A part of the Kubernetes test tooling could not be built."""
+
+
+RELEASE_TAG = re.compile(r"v\d+\.\d+\.\d+")
+
+
+def dotenv_release(key: str, env_file: Path = DOTENV) -> str:
+    """A release tag like v1.2.3 that .env states (the Kubernetes block at its end)."""
+    value = load_env_file(env_file).get(key)
+    if not value:
+        raise K8sBuildError(f"{env_file} sets no {key}")
+    if not RELEASE_TAG.fullmatch(value):
+        raise K8sBuildError(f"{key}={value} in {env_file}: expected a release tag like v1.2.3")
+    return value
+
+
 # The versions validated against (README, Kubernetes). Kubernetes 1.34 is what the manifests target.
 KUBERNETES_VERSION = "v1.34.4"
 ETCD_VERSION = "v3.6.16"
 KUBECONFORM_VERSION = "v0.8.0"
-OTEL_OPERATOR_VERSION = "v0.140.0"
+# The Operator users install (README, Kubernetes, "Prerequisites") is the one the tests build and run.
+OTEL_OPERATOR_VERSION = dotenv_release("OTEL_OPERATOR_VERSION")
 # kubernetes-validate (PyPI) ships JSON schemas of every Kubernetes minor from 1.25 to its own version, each
 # as of its x.y.0 release; 1.34.0's are the schemas of the 1.34 API. The wheel is checked against its hash.
 KUBERNETES_VALIDATE_VERSION = "1.37.0"
@@ -68,6 +94,7 @@ KUBERNETES_MODULE = "k8s.io/kubernetes"
 ETCD_MODULE = "go.etcd.io/etcd/server/v3"
 KUBECONFORM_MODULE = "github.com/yannh/kubeconform"
 OPERATOR_MODULE = "github.com/open-telemetry/opentelemetry-operator"
+KIND_MODULE = "sigs.k8s.io/kind"
 
 # Like the official release builds: static, paths trimmed, symbols stripped.
 BUILD_FLAGS = ("-trimpath",)
@@ -77,10 +104,6 @@ LDFLAGS = ("-s", "-w")
 # instrumentation-opentelemetry-v1alpha1.json).
 SCHEMA_TEMPLATE = "{{ .ResourceKind }}{{ .KindSuffix }}.json"
 CRD_FILENAME_FORMAT = "{kind}-{group}-{version}"
-
-
-class K8sBuildError(RuntimeError):
-    """A part of the Kubernetes test tooling could not be built."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +165,8 @@ def kubeconform_ldflags(version: str = KUBECONFORM_VERSION) -> str:
 
 def operator_ldflags(version: str, versions_txt: str) -> str:
     """The Operator's Makefile (OPERATOR_LDFLAGS): its version and, from versions.txt, the default versions of
-    the images it deploys when a resource names none (autoinstrumentation-python 0.59b0 for v0.140.0)."""
+    the images it deploys when a resource names none (autoinstrumentation-python 0.59b0 for the Operator
+    release of OTEL_OPERATOR_VERSION in .env when this was written)."""
     defaults = dict(line.split("=", 1) for line in versions_txt.splitlines()
                     if line.strip() and not line.startswith("#") and "=" in line)
     from_versions_txt = {
@@ -197,6 +221,47 @@ def crd_schemas_recipe() -> dict:
     return {"crds": f"{OPERATOR_MODULE}@{OTEL_OPERATOR_VERSION} config/crd/bases",
             "converter": f"{KUBECONFORM_MODULE}@{KUBECONFORM_VERSION} scripts/openapi2jsonschema.py",
             "FILENAME_FORMAT": CRD_FILENAME_FORMAT, "DENY_ROOT_ADDITIONAL_PROPERTIES": "1"}
+
+
+def kind_version(env_file: Path = DOTENV) -> str:
+    """KIND_VERSION from .env: the kind release the docker tier's Kubernetes test creates its cluster with."""
+    return dotenv_release("KIND_VERSION", env_file)
+
+
+def kind_node_image(env_file: Path = DOTENV) -> str:
+    """KIND_NODE_IMAGE from .env: `kindest/node:<Kubernetes release>@sha256:<digest>`, the image built for the
+    kind release of KIND_VERSION (its release notes list them; kind requires the digest), at the Kubernetes
+    minor the manifests target (KUBERNETES_VERSION)."""
+    image = load_env_file(env_file).get("KIND_NODE_IMAGE")
+    if not image:
+        raise K8sBuildError(f"{env_file} sets no KIND_NODE_IMAGE")
+    match = re.fullmatch(r"kindest/node:(v(\d+)\.(\d+)\.\d+)@sha256:[0-9a-f]{64}", image)
+    if not match:
+        raise K8sBuildError(f"KIND_NODE_IMAGE={image} in {env_file}: expected kindest/node:vX.Y.Z@sha256:<digest> "
+                            "(kind needs the digest of the image built for its release)")
+    target = re.fullmatch(r"v(\d+)\.(\d+)\.\d+", KUBERNETES_VERSION)
+    if (match[2], match[3]) != (target[1], target[2]):
+        raise K8sBuildError(f"KIND_NODE_IMAGE={image} in {env_file}: Kubernetes {match[1]}, but the manifests "
+                            f"are validated against {KUBERNETES_VERSION}'s minor")
+    return image
+
+
+def kind_recipe(version: str) -> dict:
+    # kind's Makefile builds with -trimpath and -s -w too; its version is a constant in the source
+    # (pkg/cmd/kind/version), so only the commit stamp, which the proxy cannot give, is left out.
+    return {"module": KIND_MODULE, "version": version, "commands": ["kind"], "build_flags": list(BUILD_FLAGS),
+            "ldflags": " ".join(LDFLAGS), "env": BUILD_ENV}
+
+
+def kind_install_args(version: str) -> list[str]:
+    """The `go` arguments that build kind `version` (run with GOBIN set to a staging folder)."""
+    return ["install", *BUILD_FLAGS, f"-ldflags={' '.join(LDFLAGS)}", f"{KIND_MODULE}@{version}"]
+
+
+def kind_path(version: str | None = None) -> Path:
+    """Where kind `version` (default: KIND_VERSION in .env) lives once built (it may not exist yet)."""
+    version = version or kind_version()
+    return CACHE_ROOT / "kind" / _key(version, kind_recipe(version)) / "kind"
 
 
 def tools_paths() -> K8sTools:
@@ -360,6 +425,23 @@ def build_kubeconform() -> Path:
     return paths.kubeconform
 
 
+def build_kind(version: str | None = None) -> Path:
+    """kind: no replaces in its go.mod, so a plain `go install` (about a minute cold). Published only once
+    `kind version` names the release asked for."""
+    version = version or kind_version()
+    target = kind_path(version)
+    workdir = work_dir(target.parent.parent, target.parent.name)
+    go = _Go(f"building kind {version} ({KIND_MODULE})", workdir)
+    out = workdir / "bin"
+    out.mkdir()
+    go.run(*kind_install_args(version), cwd=workdir, env={**go.env, "GOBIN": str(out)})
+    result = subprocess.run([str(out / "kind"), "version"], capture_output=True, text=True, timeout=60)
+    if result.returncode != 0 or not result.stdout.startswith(f"kind {version} "):
+        raise K8sBuildError(f"{go.what}: `kind version` printed {result.stdout + result.stderr!r}; log: {go.log}")
+    _finish({"kind": out / "kind"}, {"kind": target}, workdir)
+    return target
+
+
 def build_operator() -> Path:
     """The Operator's manager binary (wrapper module: no replaces, but `go install` fails on the proxy's
     version list), with its CRDs and webhook manifests copied beside it from the same module zip."""
@@ -487,15 +569,37 @@ def k8s_tools(log: Callable[[str], None] | None = None) -> K8sTools:
     return paths
 
 
-def main() -> int:
+def kind_binary(log: Callable[[str], None] | None = None) -> Path:
+    """kind of KIND_VERSION in .env, built first if missing (about a minute cold, nothing when cached). Not
+    one of `k8s_tools()`: only the tier that runs a kind cluster needs it."""
+    target = kind_path()
+    if not target.exists():
+        started = time.monotonic()
+        if log:
+            log(f"building kind {kind_version()}...")
+        build_kind()
+        if log:
+            log(f"built kind in {time.monotonic() - started:.0f} s")
+    return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tooling.k8s_build", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--kind", action="store_true",
+                        help="build (if missing) and print only kind of KIND_VERSION in .env, not the default set")
+    args = parser.parse_args(argv)
     started = time.monotonic()
+    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     try:
-        tools = k8s_tools(log=lambda line: print(line, file=sys.stderr, flush=True))
+        if args.kind:
+            print(f"kind: {kind_binary(log=log)}")
+        else:
+            tools = k8s_tools(log=log)
+            for field in dataclasses.fields(tools):
+                print(f"{field.name}: {getattr(tools, field.name)}")
     except K8sBuildError as exc:
         print(exc, file=sys.stderr)
         return 1
-    for field in dataclasses.fields(tools):
-        print(f"{field.name}: {getattr(tools, field.name)}")
     print(f"ready in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return 0
 

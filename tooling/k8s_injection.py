@@ -2,11 +2,11 @@
 owners' image's Python, and the app container's environment as the Operator's webhook makes it.
 
 On Kubernetes the app container runs the owners' image (app/Dockerfile, target `owners`: the app, its own
-requirements, `gunicorn -c gunicorn.conf.py`). The Operator (v0.140.0) adds an init container that copies
-our instrumentation image's /autoinstrumentation (instrumentation/Dockerfile) into an emptyDir mounted at
-/otel-auto-instrumentation-python, and sets the app container's environment: PYTHONPATH, so that the
-layout's sitecustomize.py initialises OpenTelemetry (and our post_instrument hooks) in every Python
-process, the Instrumentation resource's spec.python.env, its own defaults and the resource attributes.
+requirements, `gunicorn -c gunicorn.conf.py`). The Operator (OTEL_OPERATOR_VERSION in .env) adds an init
+container that copies our instrumentation image's /autoinstrumentation (instrumentation/Dockerfile) into an
+emptyDir mounted at /otel-auto-instrumentation-python, and sets the app container's environment: PYTHONPATH,
+so that the layout's sitecustomize.py initialises OpenTelemetry (and our post_instrument hooks) in every
+Python process, the Instrumentation resource's spec.python.env, its own defaults and the resource attributes.
 
 Here the same three parts are built from the same sources, with nothing else in the way:
 
@@ -55,7 +55,7 @@ MUTATED_ENV_VARIABLE = "DICE_MUTATED_POD_ENV"
 # Where tests/test_k8s.py leaves the env the real webhook returned, in pytest's base temp folder.
 CAPTURED_ENV_NAME = "mutated-pod-env.json"
 
-# The Operator v0.140.0, internal/instrumentation/python.go and sdk.go.
+# The Operator of OTEL_OPERATOR_VERSION in .env, internal/instrumentation/python.go and sdk.go.
 IMAGE_LAYOUT_DIR = "/autoinstrumentation"
 MOUNT_PATH = "/otel-auto-instrumentation-python"
 PYTHONPATH_PREFIX = f"{MOUNT_PATH}/opentelemetry/instrumentation/auto_instrumentation"
@@ -331,8 +331,9 @@ def _image_tag(image: str) -> str:
 
 
 def operator_container_env(pod: PodIdentity, instrumentation: dict) -> list[dict]:
-    """The app container's `env` as the Operator v0.140.0's webhook leaves it, for a container that sets
-    no env of its own (k8s/stack/app.yaml has only envFrom), in the Operator's order:
+    """The app container's `env` as the webhook of the Operator of OTEL_OPERATOR_VERSION in .env leaves it,
+    for a container that sets no env of its own (k8s/stack/app.yaml has only envFrom), in the Operator's
+    order:
 
     injectPythonSDK (python.env, then PYTHONPATH) -> injectCommonEnvVar (OTEL_NODE_IP and OTEL_POD_IP
     prepended, then spec.env) -> injectDefaultPythonEnvVars (protocol and exporters, if not set) ->
@@ -474,7 +475,7 @@ def pod_environment(layout: Path, owners_bin: Path, addresses: dict[tuple[str, i
       3. env, as the Operator's webhook leaves it. This is the part to replace by the real thing: when
          `mutated_env` (or else the file named by DICE_MUTATED_POD_ENV) is given, it is that captured list
          ({"env": [{"name", "value" | "valueFrom"}]}, or tests/test_k8s.py's report); otherwise it is
-         `operator_container_env()`, the Operator v0.140.0's logic applied to k8s/stack/generated/
+         `operator_container_env()`, the Operator's logic (OTEL_OPERATOR_VERSION) applied to k8s/stack/generated/
          instrumentation.yaml and the app's Deployment;
       4. resolved as the kubelet does (downward API for the pod, $(VAR) references).
 
@@ -493,7 +494,7 @@ def pod_environment(layout: Path, owners_bin: Path, addresses: dict[tuple[str, i
         pod = with_pod_name(pod, pod_name)
     else:
         env_list = operator_container_env(pod, instrumentation_resource())
-        source = "built by hand from the Operator v0.140.0's logic (sdk.go, python.go)"
+        source = "built by hand from the Operator's logic (OTEL_OPERATOR_VERSION in .env: sdk.go, python.go)"
 
     image = {"PATH": f"{owners_bin}{os.pathsep}/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
              "HOME": os.environ.get("HOME", "/"), **stage_env(stage(APP_DOCKERFILE, "owners"))}
