@@ -209,6 +209,29 @@ def test_cache_path_changes_with_the_version():
 
 
 @pytest.mark.unit
+def test_shared_build_steps_key_publish_and_reuse(tmp_path):
+    from tooling import gobuild
+
+    recipe = {"module": "m", "flags": ["-trimpath"]}
+    key = gobuild.recipe_key("v1.2.3", recipe)
+    assert re.fullmatch(r"1\.2\.3-[0-9a-f]{12}", key)
+    assert key != gobuild.recipe_key("v1.2.3", {**recipe, "flags": []}) != gobuild.recipe_key("v1.2.4", recipe)
+    out, targets = tmp_path / "bin", [tmp_path / "cache" / "a", tmp_path / "cache" / "b"]
+    out.mkdir()
+    (out / "a").write_text("a")
+    with pytest.raises(RuntimeError, match=r"reported success but .*/bin/b is missing"):
+        gobuild.publish_all(out, targets, RuntimeError, "building x")
+    (out / "b").write_text("b")
+    gobuild.publish_all(out, targets, RuntimeError, "building x")
+    assert [path.read_text() for path in targets] == ["a", "b"] and not list(out.iterdir())
+    built = []
+    assert gobuild.cached_or_built(targets, lambda: built.append(1)) == targets and not built
+    targets[1].unlink()
+    gobuild.cached_or_built(targets, lambda: built.append(1))
+    assert built == [1]
+
+
+@pytest.mark.unit
 def test_wrapper_module_copies_the_main_module_only_directives(tmp_path):
     upstream = {"Go": "1.25.8", "Exclude": [{"Path": "a.example/x", "Version": "v1.0.0"}],
                 "Replace": [{"Old": {"Path": "b.example/y"}, "New": {"Path": "b.example/y", "Version": "v0.2.0"}},

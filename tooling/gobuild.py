@@ -1,16 +1,20 @@
-"""What the Go builds of tooling.collector and tooling.prometheus_build share.
+"""What the Go builds of tooling (collector, Prometheus, Alertmanager, Sloth, the Kubernetes tools) share.
 
-Both compile official Go modules into `.cache/`, in a private work directory whose log survives a
-failure, and move a binary into the cache only once it is complete, so an interrupted or concurrent
-build never leaves a half-written binary where a caller would run it.
+Each compiles official Go modules into `.cache/`, in a private work directory whose log survives a
+failure, under a folder named after the version and a hash of the whole recipe, and moves a binary into
+the cache only once it is complete, so an interrupted or concurrent build never leaves a half-written
+binary where a caller would run it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # Static binaries like the official releases, and no C toolchain needed.
@@ -47,3 +51,25 @@ def publish(built: Path, target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     os.replace(built, target)
     return target
+
+
+def recipe_key(version: str, recipe: dict) -> str:
+    """The cache folder name of a build: `<version without its v>-<12 hex digits of the recipe>`, so that a
+    change of version, flags or anything else in the recipe gets a fresh build."""
+    digest = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{version.removeprefix('v')}-{digest}"
+
+
+def publish_all(out: Path, targets: Sequence[Path], error: type[Exception], what: str) -> None:
+    """Publish the binaries that the build left in `out`, each under its target's name; `error`, publishing
+    none, if any is missing although the build reported success."""
+    missing = [out / target.name for target in targets if not (out / target.name).exists()]
+    if missing:
+        raise error(f"{what}: the build reported success but {', '.join(map(str, missing))} is missing")
+    for target in targets:
+        publish(out / target.name, target)
+
+
+def cached_or_built(targets: Sequence[Path], build: Callable[[], object]) -> Sequence[Path]:
+    """`targets` if all are cached, else what `build()` returns (the same paths, once built)."""
+    return targets if all(path.exists() for path in targets) else build()

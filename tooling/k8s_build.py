@@ -55,7 +55,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tooling.envfile import DOTENV, load_env_file
-from tooling.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
+from tooling.gobuild import BUILD_ENV, go_executable, publish, recipe_key, run_logged, work_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_ROOT = REPO_ROOT / ".cache"
@@ -126,14 +126,6 @@ class K8sTools:
 
 
 # ------------------------------------------------------------------------------------------ recipes
-
-
-def _digest(recipe: dict) -> str:
-    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _key(version: str, recipe: dict) -> str:
-    return f"{version.removeprefix('v')}-{_digest(recipe)}"
 
 
 def kubernetes_ldflags(version: str = KUBERNETES_VERSION) -> str:
@@ -261,24 +253,24 @@ def kind_install_args(version: str) -> list[str]:
 def kind_path(version: str | None = None) -> Path:
     """Where kind `version` (default: KIND_VERSION in .env) lives once built (it may not exist yet)."""
     version = version or kind_version()
-    return CACHE_ROOT / "kind" / _key(version, kind_recipe(version)) / "kind"
+    return CACHE_ROOT / "kind" / recipe_key(version, kind_recipe(version)) / "kind"
 
 
 def tools_paths() -> K8sTools:
     """Where every part lives once built (they may not exist yet)."""
-    kubernetes = CACHE_ROOT / "kubernetes" / _key(KUBERNETES_VERSION, kubernetes_recipe())
-    operator = CACHE_ROOT / "otel-operator" / _key(OTEL_OPERATOR_VERSION, operator_recipe())
+    kubernetes = CACHE_ROOT / "kubernetes" / recipe_key(KUBERNETES_VERSION, kubernetes_recipe())
+    operator = CACHE_ROOT / "otel-operator" / recipe_key(OTEL_OPERATOR_VERSION, operator_recipe())
     schemas = CACHE_ROOT / "k8s-schemas"
     return K8sTools(
         kube_apiserver=kubernetes / "kube-apiserver",
         kubectl=kubernetes / "kubectl",
-        etcd=CACHE_ROOT / "etcd" / _key(ETCD_VERSION, etcd_recipe()) / "etcd",
-        kubeconform=CACHE_ROOT / "kubeconform" / _key(KUBECONFORM_VERSION, kubeconform_recipe()) / "kubeconform",
+        etcd=CACHE_ROOT / "etcd" / recipe_key(ETCD_VERSION, etcd_recipe()) / "etcd",
+        kubeconform=CACHE_ROOT / "kubeconform" / recipe_key(KUBECONFORM_VERSION, kubeconform_recipe()) / "kubeconform",
         operator=operator / "manager",
         operator_crds=operator / "crd",
         operator_webhooks=operator / "webhook" / "manifests.yaml",
-        kubernetes_schemas=schemas / f"kubernetes-{_key(SCHEMA_KUBERNETES_VERSION, kubernetes_schemas_recipe())}",
-        crd_schemas=schemas / f"otel-operator-{_key(OTEL_OPERATOR_VERSION, crd_schemas_recipe())}",
+        kubernetes_schemas=schemas / f"kubernetes-{recipe_key(SCHEMA_KUBERNETES_VERSION, kubernetes_schemas_recipe())}",
+        crd_schemas=schemas / f"otel-operator-{recipe_key(OTEL_OPERATOR_VERSION, crd_schemas_recipe())}",
     )
 
 
@@ -560,13 +552,17 @@ def k8s_tools(log: Callable[[str], None] | None = None) -> K8sTools:
     """Every part, built first where missing (minutes cold, nothing when cached)."""
     paths = tools_paths()
     for name, step in _missing(paths).items():
-        started = time.monotonic()
-        if log:
-            log(f"building {name}...")
-        step()
-        if log:
-            log(f"built {name} in {time.monotonic() - started:.0f} s")
+        _timed(name, step, log)
     return paths
+
+
+def _timed(name: str, step: Callable[[], object], log: Callable[[str], None] | None) -> None:
+    started = time.monotonic()
+    if log:
+        log(f"building {name}...")
+    step()
+    if log:
+        log(f"built {name} in {time.monotonic() - started:.0f} s")
 
 
 def kind_binary(log: Callable[[str], None] | None = None) -> Path:
@@ -574,12 +570,7 @@ def kind_binary(log: Callable[[str], None] | None = None) -> Path:
     one of `k8s_tools()`: only the tier that runs a kind cluster needs it."""
     target = kind_path()
     if not target.exists():
-        started = time.monotonic()
-        if log:
-            log(f"building kind {kind_version()}...")
-        build_kind()
-        if log:
-            log(f"built kind in {time.monotonic() - started:.0f} s")
+        _timed(f"kind {kind_version()}", build_kind, log)
     return target
 
 

@@ -17,7 +17,6 @@ lines), and resolves every dependency to the version Prometheus itself was relea
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,7 +26,7 @@ import sys
 from pathlib import Path
 
 from tooling.envfile import load_env_file
-from tooling.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
+from tooling.gobuild import BUILD_ENV, cached_or_built, go_executable, publish_all, recipe_key, run_logged, work_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_FILE = REPO_ROOT / ".env"
@@ -82,8 +81,7 @@ def recipe(version: str) -> dict:
 
 
 def cache_key(version: str) -> str:
-    digest = hashlib.sha256(json.dumps(recipe(version), sort_keys=True).encode()).hexdigest()[:12]
-    return f"{version.removeprefix('v')}-{digest}"
+    return recipe_key(version, recipe(version))
 
 
 def binary_paths(version: str | None = None) -> tuple[Path, Path]:
@@ -171,20 +169,14 @@ def build(version: str | None = None) -> tuple[Path, Path]:
     out.mkdir()
     run("build", *BUILD_FLAGS, f"-ldflags={ldflags(version)}", "-o", f"{out}/", *packages, cwd=src)
 
-    for built, target in zip((out / name for name in COMMANDS), targets, strict=True):
-        if not built.exists():
-            raise PrometheusBuildError(f"{what}: go build reported success but {built} is missing; log: {log}")
-        publish(built, target)
+    publish_all(out, targets, PrometheusBuildError, f"{what} (log: {log})")
     shutil.rmtree(workdir, ignore_errors=True)
     return targets
 
 
 def prometheus_binaries(version: str | None = None) -> tuple[Path, Path]:
     """(prometheus, promtool) of `version` (default: PROMETHEUS_VERSION in .env); builds them if not cached."""
-    targets = binary_paths(version)
-    if all(path.exists() for path in targets):
-        return targets
-    return build(version)
+    return cached_or_built(binary_paths(version), lambda: build(version))
 
 
 def main() -> int:

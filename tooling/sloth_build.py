@@ -14,15 +14,13 @@ cached under ``.cache/sloth/<version>-<recipe hash>/``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from tooling.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
+from tooling.gobuild import BUILD_ENV, go_executable, publish, recipe_key, run_logged, work_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".cache" / "sloth"
@@ -64,8 +62,7 @@ def recipe(version: str) -> dict:
 
 
 def cache_key(version: str) -> str:
-    digest = hashlib.sha256(json.dumps(recipe(version), sort_keys=True).encode()).hexdigest()[:12]
-    return f"{version.removeprefix('v')}-{digest}"
+    return recipe_key(version, recipe(version))
 
 
 def binary_path(version: str = SLOTH_VERSION) -> Path:
