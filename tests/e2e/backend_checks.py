@@ -205,7 +205,7 @@ def send_known_load(backends: Backends, apps: list[str], beyla: bool, locust_hos
 # --- metrics -----------------------------------------------------------------------------------------
 
 
-def check_every_source_counts_what_was_sent(load: dict) -> None:
+def every_source_counts_what_was_sent(load: dict) -> None:
     # send_known_load already waited for equality; this states the claim and shows the numbers.
     print(f"\nsent {dict(load['sent'])}")
     for source, counts in load["counted"].items():
@@ -213,7 +213,7 @@ def check_every_source_counts_what_was_sent(load: dict) -> None:
         assert counts == load["sent"], source
 
 
-def check_recording_rule_rows(backends: Backends, sources: list[str]) -> None:
+def recording_rule_rows(backends: Backends, sources: list[str]) -> None:
     for route in ("/", "/fail", "/**"):
         def rows(route=route):
             found = {r["metric"]["telemetry_source"] for r in backends.prometheus_query(
@@ -229,14 +229,14 @@ GET_ROOT = f'{{ resource.service.name = "{SERVICE}" && span.http.route = "/" && 
 FAIL_ERROR = f'{{ resource.service.name = "{SERVICE}" && span.http.route = "/fail" && status = error }}'
 
 
-def check_tempo_finds_a_get_root_trace(backends: Backends) -> list[dict]:
+def tempo_finds_a_get_root_trace(backends: Backends) -> list[dict]:
     traces = poll(lambda: backends.tempo_search(GET_ROOT), 180, f"Tempo search {GET_ROOT}", interval=5)
     assert any(trace.get("rootTraceName") == "GET /" for trace in traces), [t.get("rootTraceName") for t in traces]
     assert all(trace.get("rootServiceName") == SERVICE for trace in traces)
     return traces
 
 
-def check_tempo_finds_an_error_trace_for_fail(backends: Backends) -> None:
+def tempo_finds_an_error_trace_for_fail(backends: Backends) -> None:
     traces = poll(lambda: backends.tempo_search(FAIL_ERROR), 180, f"Tempo search {FAIL_ERROR}", interval=5)
     assert any(trace.get("rootTraceName") == "GET /fail" for trace in traces)
 
@@ -254,21 +254,21 @@ def wait_for_loki_count(backends: Backends, logql_selector: str, window: tuple[f
     return poll(count, 180, f"Loki counting {expected} records of {logql_selector}", interval=5)
 
 
-def check_loki_has_one_dice_rolled_record_per_get_root(backends: Backends, load: dict) -> None:
+def loki_has_one_dice_rolled_record_per_get_root(backends: Backends, load: dict) -> None:
     # app.py logs `Dice rolled: N` once per GET /; the SDK's logging handler exports each record.
     expected = load["sent"][("/", "200")]
     selector = f'{{service_name="{SERVICE}"}} |= "Dice rolled"'
     print(f"\nsent GET / {expected}, Loki {wait_for_loki_count(backends, selector, load['window'], expected)}")
 
 
-def check_loki_has_one_error_record_per_failed_request(backends: Backends, load: dict) -> None:
+def loki_has_one_error_record_per_failed_request(backends: Backends, load: dict) -> None:
     # app.py's error handler logs the traceback once per /fail, at ERROR.
     expected = load["sent"][("/fail", "500")]
     selector = f'{{service_name="{SERVICE}"}} | severity_text="ERROR" |= "Intentional failure"'
     wait_for_loki_count(backends, selector, load["window"], expected)
 
 
-def check_a_trace_id_from_tempo_finds_its_logs(backends: Backends, load: dict) -> None:
+def a_trace_id_from_tempo_finds_its_logs(backends: Backends, load: dict) -> None:
     start, end = load["window"][0] - 3600, time.time() + 60
 
     def logs_of_a_trace():
@@ -292,7 +292,7 @@ def check_a_trace_id_from_tempo_finds_its_logs(backends: Backends, load: dict) -
     assert any("Intentional failure" in line for line in errors), entries[:3]
 
 
-def check_loki_indexes_service_name_but_not_trace_ids(backends: Backends) -> None:
+def loki_indexes_service_name_but_not_trace_ids(backends: Backends) -> None:
     labels = poll(lambda: backends.loki_get("labels", {})["data"], 60, "Loki's stream labels", interval=5)
     assert "service_name" in labels
     assert not {"trace_id", "span_id"} & set(labels), labels
@@ -302,7 +302,7 @@ def check_loki_indexes_service_name_but_not_trace_ids(backends: Backends) -> Non
 # --- profiles ----------------------------------------------------------------------------------------
 
 
-def check_pyroscope_has_a_cpu_profile_with_the_view_function(backends: Backends) -> None:
+def pyroscope_has_a_cpu_profile_with_the_view_function(backends: Backends) -> None:
     body = {"profileTypeID": CPU_PROFILE, "labelSelector": f'{{service_name="{SERVICE}"}}', **last_minutes_ms()}
 
     def names() -> list[str]:
@@ -312,7 +312,7 @@ def check_pyroscope_has_a_cpu_profile_with_the_view_function(backends: Backends)
     poll(names, 240, f"a {CPU_PROFILE} profile of {SERVICE} with a {VIEW_FUNCTION} frame", interval=5)
 
 
-def check_span_ids_of_traces_resolve_to_span_profiles(backends: Backends) -> None:
+def span_ids_of_traces_resolve_to_span_profiles(backends: Backends) -> None:
     def profile_ids() -> list[str]:
         ids = []
         for route in ("/fail", "/"):
@@ -340,7 +340,7 @@ def check_span_ids_of_traces_resolve_to_span_profiles(backends: Backends) -> Non
 # --- Alertmanager ------------------------------------------------------------------------------------
 
 
-def check_prometheus_sends_alerts_to_the_alertmanager(backends: Backends, url: str, version: str) -> None:
+def prometheus_sends_alerts_to_the_alertmanager(backends: Backends, url: str, version: str) -> None:
     def active():
         answer = requests.get(f"{backends.prometheus}/api/v1/alertmanagers", timeout=10).json()["data"]
         return answer["activeAlertmanagers"]
@@ -355,7 +355,7 @@ def check_prometheus_sends_alerts_to_the_alertmanager(backends: Backends, url: s
 # --- Grafana -----------------------------------------------------------------------------------------
 
 
-def check_grafana_datasources_are_healthy(backends: Backends) -> None:
+def grafana_datasources_are_healthy(backends: Backends) -> None:
     for uid in DATASOURCE_UIDS:
         def health(uid=uid):
             response = requests.get(f"{backends.grafana}/api/datasources/uid/{uid}/health",
@@ -366,7 +366,7 @@ def check_grafana_datasources_are_healthy(backends: Backends) -> None:
         poll(health, 120, f"Grafana health check of datasource {uid}", interval=5)
 
 
-def check_every_dashboard_loads_and_its_queries_return_data(backends: Backends) -> None:
+def every_dashboard_loads_and_its_queries_return_data(backends: Backends) -> None:
     dashboards = [json.loads(path.read_text()) for path in (REPO_ROOT / "grafana" / "dashboards").glob("*.json")]
     files = {dashboard["uid"]: dashboard for dashboard in dashboards}
     auth = backends.grafana_admin

@@ -29,28 +29,10 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import backend_checks as checks
 import pytest
 import requests
-from backend_checks import (
-    SERVICE,
-    Backends,
-    check_a_trace_id_from_tempo_finds_its_logs,
-    check_every_dashboard_loads_and_its_queries_return_data,
-    check_every_source_counts_what_was_sent,
-    check_grafana_datasources_are_healthy,
-    check_loki_has_one_dice_rolled_record_per_get_root,
-    check_loki_has_one_error_record_per_failed_request,
-    check_loki_indexes_service_name_but_not_trace_ids,
-    check_prometheus_sends_alerts_to_the_alertmanager,
-    check_pyroscope_has_a_cpu_profile_with_the_view_function,
-    check_recording_rule_rows,
-    check_span_ids_of_traces_resolve_to_span_profiles,
-    check_tempo_finds_a_get_root_trace,
-    check_tempo_finds_an_error_trace_for_fail,
-    send_known_load,
-    skip_unless,
-    why_no_docker,
-)
+from backend_checks import SERVICE, Backends, send_known_load, skip_unless, why_no_docker
 from stackfiles import REPO_ROOT, dotenv
 
 from tooling.native import poll
@@ -263,56 +245,56 @@ def test_the_operator_injected_our_image_into_every_app_pod(cluster):
 
 
 def test_every_source_counts_exactly_what_was_sent_per_route_and_status(load):
-    check_every_source_counts_what_was_sent(load)
+    checks.every_source_counts_what_was_sent(load)
 
 
 def test_the_recording_rules_have_rows_for_every_source(backends, load):
-    check_recording_rule_rows(backends, load["sources"])
+    checks.recording_rule_rows(backends, load["sources"])
 
 
 def test_tempo_finds_a_get_root_trace(backends, load):
-    check_tempo_finds_a_get_root_trace(backends)
+    checks.tempo_finds_a_get_root_trace(backends)
 
 
 def test_tempo_finds_an_error_trace_for_fail(backends, load):
-    check_tempo_finds_an_error_trace_for_fail(backends)
+    checks.tempo_finds_an_error_trace_for_fail(backends)
 
 
 def test_loki_has_one_dice_rolled_record_per_get_root(backends, load):
-    check_loki_has_one_dice_rolled_record_per_get_root(backends, load)
+    checks.loki_has_one_dice_rolled_record_per_get_root(backends, load)
 
 
 def test_loki_has_one_error_record_per_failed_request(backends, load):
-    check_loki_has_one_error_record_per_failed_request(backends, load)
+    checks.loki_has_one_error_record_per_failed_request(backends, load)
 
 
 def test_a_trace_id_from_tempo_finds_its_logs_in_loki(backends, load):
-    check_a_trace_id_from_tempo_finds_its_logs(backends, load)
+    checks.a_trace_id_from_tempo_finds_its_logs(backends, load)
 
 
 def test_loki_indexes_service_name_but_not_trace_ids(backends, load):
-    check_loki_indexes_service_name_but_not_trace_ids(backends)
+    checks.loki_indexes_service_name_but_not_trace_ids(backends)
 
 
 def test_pyroscope_has_a_cpu_profile_with_the_view_function(backends, load):
-    check_pyroscope_has_a_cpu_profile_with_the_view_function(backends)
+    checks.pyroscope_has_a_cpu_profile_with_the_view_function(backends)
 
 
 def test_span_ids_of_traces_resolve_to_span_profiles(backends, load):
-    check_span_ids_of_traces_resolve_to_span_profiles(backends)
+    checks.span_ids_of_traces_resolve_to_span_profiles(backends)
 
 
 def test_prometheus_sends_alerts_to_the_alertmanager(backends):
-    check_prometheus_sends_alerts_to_the_alertmanager(
+    checks.prometheus_sends_alerts_to_the_alertmanager(
         backends, f"http://alertmanager.{NAMESPACE}.svc:9093/api/v2/alerts", dotenv()["ALERTMANAGER_VERSION"])
 
 
 def test_grafana_datasources_are_healthy(backends):
-    check_grafana_datasources_are_healthy(backends)
+    checks.grafana_datasources_are_healthy(backends)
 
 
 def test_every_provisioned_dashboard_loads_and_its_queries_return_data(backends, load):
-    check_every_dashboard_loads_and_its_queries_return_data(backends)
+    checks.every_dashboard_loads_and_its_queries_return_data(backends)
 
 
 # --- what Kubernetes adds ----------------------------------------------------------------------------

@@ -26,27 +26,10 @@ import secrets
 import subprocess
 from dataclasses import dataclass
 
+import backend_checks as checks
 import pytest
 import requests
-from backend_checks import (
-    Backends,
-    check_a_trace_id_from_tempo_finds_its_logs,
-    check_every_dashboard_loads_and_its_queries_return_data,
-    check_every_source_counts_what_was_sent,
-    check_grafana_datasources_are_healthy,
-    check_loki_has_one_dice_rolled_record_per_get_root,
-    check_loki_has_one_error_record_per_failed_request,
-    check_loki_indexes_service_name_but_not_trace_ids,
-    check_prometheus_sends_alerts_to_the_alertmanager,
-    check_pyroscope_has_a_cpu_profile_with_the_view_function,
-    check_recording_rule_rows,
-    check_span_ids_of_traces_resolve_to_span_profiles,
-    check_tempo_finds_a_get_root_trace,
-    check_tempo_finds_an_error_trace_for_fail,
-    send_known_load,
-    skip_unless,
-    why_no_docker,
-)
+from backend_checks import Backends, send_known_load, skip_unless, why_no_docker
 from stackfiles import COMPOSE_FILE, REPO_ROOT, dotenv
 
 pytestmark = pytest.mark.e2e
@@ -153,56 +136,56 @@ def test_every_service_is_up_and_healthy(stack):
 
 
 def test_every_source_counts_exactly_what_was_sent_per_route_and_status(load):
-    check_every_source_counts_what_was_sent(load)
+    checks.every_source_counts_what_was_sent(load)
 
 
 def test_the_recording_rules_have_rows_for_every_source(stack, load):
-    check_recording_rule_rows(stack.backends, load["sources"])
+    checks.recording_rule_rows(stack.backends, load["sources"])
 
 
 def test_tempo_finds_a_get_root_trace(stack, load):
-    check_tempo_finds_a_get_root_trace(stack.backends)
+    checks.tempo_finds_a_get_root_trace(stack.backends)
 
 
 def test_tempo_finds_an_error_trace_for_fail(stack, load):
-    check_tempo_finds_an_error_trace_for_fail(stack.backends)
+    checks.tempo_finds_an_error_trace_for_fail(stack.backends)
 
 
 def test_loki_has_one_dice_rolled_record_per_get_root(stack, load):
-    check_loki_has_one_dice_rolled_record_per_get_root(stack.backends, load)
+    checks.loki_has_one_dice_rolled_record_per_get_root(stack.backends, load)
 
 
 def test_loki_has_one_error_record_per_failed_request(stack, load):
-    check_loki_has_one_error_record_per_failed_request(stack.backends, load)
+    checks.loki_has_one_error_record_per_failed_request(stack.backends, load)
 
 
 def test_a_trace_id_from_tempo_finds_its_logs_in_loki_by_structured_metadata(stack, load):
-    check_a_trace_id_from_tempo_finds_its_logs(stack.backends, load)
+    checks.a_trace_id_from_tempo_finds_its_logs(stack.backends, load)
 
 
 def test_loki_indexes_service_name_but_not_trace_ids(stack, load):
-    check_loki_indexes_service_name_but_not_trace_ids(stack.backends)
+    checks.loki_indexes_service_name_but_not_trace_ids(stack.backends)
 
 
 def test_pyroscope_has_a_cpu_profile_with_the_view_function(stack, load):
-    check_pyroscope_has_a_cpu_profile_with_the_view_function(stack.backends)
+    checks.pyroscope_has_a_cpu_profile_with_the_view_function(stack.backends)
 
 
 def test_span_ids_of_traces_resolve_to_span_profiles(stack, load):
-    check_span_ids_of_traces_resolve_to_span_profiles(stack.backends)
+    checks.span_ids_of_traces_resolve_to_span_profiles(stack.backends)
 
 
 def test_prometheus_sends_alerts_to_the_alertmanager(stack):
-    check_prometheus_sends_alerts_to_the_alertmanager(
+    checks.prometheus_sends_alerts_to_the_alertmanager(
         stack.backends, "http://alertmanager:9093/api/v2/alerts", dotenv()["ALERTMANAGER_VERSION"])
 
 
 def test_grafana_datasources_are_healthy(stack):
-    check_grafana_datasources_are_healthy(stack.backends)
+    checks.grafana_datasources_are_healthy(stack.backends)
 
 
 def test_every_provisioned_dashboard_loads_and_its_queries_return_data(stack, load):
-    check_every_dashboard_loads_and_its_queries_return_data(stack.backends)
+    checks.every_dashboard_loads_and_its_queries_return_data(stack.backends)
 
 
 def test_anonymous_visitors_can_view_the_overview(stack):
