@@ -20,7 +20,6 @@ from tooling.native import NativeStack, by_labels, poll
 
 pytestmark = pytest.mark.integration
 
-SERVER = 2  # opentelemetry.proto.trace.v1.Span.SPAN_KIND_SERVER
 # gunicorn's defaults (app/gunicorn.conf.py sets neither): a header line, counted with its CRLF, may be
 # at most limit_request_field_size bytes; the request line at most limit_request_line.
 LIMIT_REQUEST_FIELD_SIZE = 8190
@@ -101,12 +100,12 @@ def sent(tmp_path_factory):
         def spans():
             return Counter((s.attributes.get("http.request.method"), s.attributes.get("http.route"),
                             str(s.attributes.get("http.response.status_code")))
-                           for s in stack.tempo_sink.spans() if s.span.kind == SERVER)
+                           for s in stack.tempo_sink.server_spans())
 
         # OTEL_METRIC_EXPORT_INTERVAL (10 s) + batch (1 s) + scrape (5 s), with margin.
         poll(lambda: otel() == expected("otel") and manual() == expected("manual") and spans() == expected("otel"),
              45, f"otel, manual and spans counting each bad request as what it was: {expected('otel')}")
-        span_names = Counter(s.span.name for s in stack.tempo_sink.spans() if s.span.kind == SERVER)
+        span_names = Counter(s.span.name for s in stack.tempo_sink.server_spans())
         yield dict(answers=answers, workers_before=workers_before, workers_after=workers_after,
                    master_alive=master_alive, otel=otel(), manual=manual(), spans=spans(), span_names=span_names,
                    log=stack.app.log())

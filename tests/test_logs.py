@@ -28,7 +28,6 @@ from tooling.native import NativeStack, app_environment, locust_result, poll, ru
 pytestmark = pytest.mark.integration
 
 SERVICE = load_env_file(APP_ENV)["OTEL_SERVICE_NAME"]
-SERVER = 2  # SpanKind.SERVER in opentelemetry-proto
 STDOUT_LINE = re.compile(r"\[trace_id=([0-9a-f]{32}|0) span_id=([0-9a-f]{16}|0)\] (.*)$")
 
 
@@ -45,7 +44,7 @@ def rolls(stack: NativeStack):
 
 
 def server_spans(stack: NativeStack, route: str):
-    return [s for s in stack.tempo_sink.spans() if s.span.kind == SERVER and s.attributes.get("http.route") == route]
+    return stack.tempo_sink.server_spans(route)
 
 
 @pytest.fixture(scope="module")

@@ -24,8 +24,6 @@ pytestmark = pytest.mark.integration
 
 LOAD_SECONDS = 20
 LOAD_USERS = 20
-SERVER = 2  # Span.SPAN_KIND_SERVER
-STATUS_ERROR = 2
 VIEW_FUNCTION = "roll_dice"
 
 # Queries that read Beyla's series: Beyla needs kprobes, which these machines lack, so they can only
@@ -110,18 +108,15 @@ def test_every_series_of_the_three_sources_is_labelled(stack, load):
 
 
 def test_traces_one_server_span_per_request(stack, load):
-    spans = [s for s in stack.tempo_sink.spans() if s.span.kind == SERVER]
-    seen = Counter((s.attributes.get("http.route"), str(s.attributes.get("http.response.status_code")))
-                   for s in spans)
-    print(f"\nserver spans {len(spans)} locust {sum(load['expected'].values())}")
+    seen = stack.tempo_sink.requests_by_route_and_status()
+    print(f"\nserver spans {sum(seen.values())} locust {sum(load['expected'].values())}")
     assert seen == load["expected"]
-    fails = [s for s in spans if s.attributes.get("http.route") == "/fail"]
-    assert fails and all(s.span.status.code == STATUS_ERROR for s in fails)
-    assert all([e.name for e in s.span.events] == ["exception"] for s in fails)
+    fails = stack.tempo_sink.server_spans("/fail")
+    assert fails and all(s.is_error_with_exception for s in fails)
 
 
 def test_span_metrics_calls_equal_server_spans(stack, load):
-    spans = len([s for s in stack.tempo_sink.spans() if s.span.kind == SERVER])
+    spans = len(stack.tempo_sink.server_spans())
     expr = 'sum(traces_spanmetrics_calls_total{span_kind="SPAN_KIND_SERVER", service_name="dice-api"})'
     calls = poll(lambda: (r := stack.query(expr)) and int(float(r[0]["value"][1])) == spans and r, 30,
                  f"span-metric calls equal to the {spans} SERVER spans")
@@ -200,7 +195,7 @@ def test_profiles_have_the_view_function_and_link_to_root_spans(stack, load):
     labelled = set().union(*[u.sample_labels("span_id") for u in uploads])
     # pyroscope-otel labels the process's local root spans: the app's SERVER spans, whose parent is
     # locust's (remote) CLIENT span.
-    roots = {s.attributes.get("pyroscope.profile.id") for s in stack.tempo_sink.spans() if s.span.kind == SERVER}
+    roots = {s.attributes.get("pyroscope.profile.id") for s in stack.tempo_sink.server_spans()}
     assert None not in roots, "a SERVER span without pyroscope.profile.id"
     print(f"\nprofile uploads {len(uploads)} span ids in profiles {len(labelled)} matched {len(labelled & roots)}")
     assert labelled and labelled <= roots

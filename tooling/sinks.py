@@ -13,6 +13,7 @@ import gzip
 import json
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.proto.logs.v1 import logs_pb2
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.proto.resource.v1 import resource_pb2
-from opentelemetry.proto.trace.v1.trace_pb2 import Span
+from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
 PUSH_PATH = "/push.v1.PusherService/Push"
 
@@ -66,6 +67,11 @@ class CapturedSpan:
     @property
     def is_root(self) -> bool:
         return not self.span.parent_span_id
+
+    @property
+    def is_error_with_exception(self) -> bool:
+        """Status error, with the exception recorded as the span's one event (what /fail must leave)."""
+        return self.span.status.code == Status.STATUS_CODE_ERROR and [e.name for e in self.span.events] == ["exception"]
 
 
 @dataclass
@@ -137,6 +143,16 @@ class OtlpSink:
             for span in ss.spans
         ]
 
+    def server_spans(self, route: str | None = None) -> list[CapturedSpan]:
+        """The SERVER spans (one per request the app answered), of one http.route if given."""
+        return [s for s in self.spans() if s.span.kind == Span.SPAN_KIND_SERVER
+                and (route is None or s.attributes.get("http.route") == route)]
+
+    def requests_by_route_and_status(self) -> Counter:
+        """SERVER spans per (http.route, status code as text), the shape of locust's ground truth."""
+        return Counter((s.attributes.get("http.route"), str(s.attributes.get("http.response.status_code")))
+                       for s in self.server_spans())
+
     def histogram_points(self, name: str) -> Iterator[HistogramPoint]:
         with self._lock:
             requests = list(self.metric_requests)
@@ -165,6 +181,67 @@ class OtlpSink:
             key = tuple(point.attributes.get(k) for k in keys)
             totals[key] = totals.get(key, 0) + point.count
         return totals
+
+
+# ------------------------------------------------------------------------------------- HTTP receivers
+
+
+class _HttpSink:
+    """What the HTTP sinks share: a threaded server on host:port whose POSTs `answer()` handles. An
+    exception there is recorded in `rejected` and answered 400, as a strict server would. `stop()` then
+    `start()` is an outage and a restart on the same port. Subclasses are dataclasses with `host`, `port`
+    and `rejected`, and call `_listen()` from `__post_init__`."""
+
+    thread_name = "http-sink"
+
+    def answer(self, path: str, headers, body: bytes, arrived: float) -> tuple[bytes, str | None]:
+        """Keep what was sent; return the 200 answer's body and content type."""
+        raise NotImplementedError
+
+    def _listen(self) -> None:
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._bind()
+
+    def _bind(self) -> None:
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server naming
+                arrived = time.time()
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                try:
+                    status, (payload, content_type) = 200, sink.answer(self.path, self.headers, body, arrived)
+                except Exception as exc:  # noqa: BLE001 - record and answer 400, like a strict server
+                    sink.rejected.append(f"{self.path}: {exc}")
+                    status, payload, content_type = 400, b"", None
+                self.send_response(status)
+                if content_type:
+                    self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args):  # keep test output readable
+                pass
+
+        self._server: ThreadingHTTPServer | None = ThreadingHTTPServer((self.host, self.port), Handler)
+        self.port = self._server.server_address[1]
+
+    def start(self):
+        if self._server is None:
+            self._bind()  # a restart: the same port again
+        self._thread = threading.Thread(target=self._server.serve_forever, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """The port refuses connections until start() again."""
+        if self._server is not None:
+            if self._thread is not None:  # shutdown() waits for a serve loop that never started otherwise
+                self._server.shutdown()
+            self._server.server_close()
+            self._server, self._thread = None, None
 
 
 # ---------------------------------------------------------------------------------------------- OTLP logs
@@ -201,7 +278,7 @@ class CapturedLogRecord:
 
 
 @dataclass
-class LogsSink:
+class LogsSink(_HttpSink):
     """Loki's native OTLP endpoint as the collector's `otlp_http` exporter calls it (`POST /otlp/v1/logs`,
     protobuf, gzip): keeps every record decoded. `stop()` then `start()` is an outage and a restart on
     the same port."""
@@ -215,68 +292,31 @@ class LogsSink:
     # #24574), so the sink answers as Loki does and keeps the raw bytes.
     not_utf8: list[bytes] = field(default_factory=list)
 
+    thread_name = "logs-sink"
+
     def __post_init__(self):
-        self._lock = threading.Lock()
-        self._server: ThreadingHTTPServer | None = None
-        self._bind()
+        self._listen()
         self.address = f"http://{self.host}:{self.port}"
 
-    def _bind(self) -> None:
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server naming
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                try:
-                    if self.path != LOKI_OTLP_LOGS_PATH:
-                        raise ValueError(f"unexpected path {self.path}")
-                    if "protobuf" not in self.headers.get("Content-Type", ""):
-                        raise ValueError(f"unexpected content type {self.headers.get('Content-Type')}")
-                    if self.headers.get("Content-Encoding") == "gzip":
-                        body = gzip.decompress(body)
-                    try:
-                        request = logs_service_pb2.ExportLogsServiceRequest.FromString(body)
-                    except DecodeError:
-                        if not _valid_utf8_aside(body):
-                            raise
-                        request = None
-                except Exception as exc:  # noqa: BLE001 - record and answer 400, like a strict server
-                    sink.rejected.append(f"{self.path}: {exc}")
-                    self.send_response(400)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                with sink._lock:
-                    if request is None:
-                        sink.not_utf8.append(body)
-                    else:
-                        sink.requests.append(request)
-                answer = logs_service_pb2.ExportLogsServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", str(len(answer)))
-                self.end_headers()
-                self.wfile.write(answer)
-
-            def log_message(self, *args):  # keep test output readable
-                pass
-
-        server = ThreadingHTTPServer((self.host, self.port), Handler)
-        self.port = server.server_address[1]
-        self._server = server
-
-    def start(self) -> LogsSink:
-        if self._server is None:
-            self._bind()  # a restart: the same port again
-        threading.Thread(target=self._server.serve_forever, name="logs-sink", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        """The port refuses connections until start() again."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+    def answer(self, path: str, headers, body: bytes, arrived: float) -> tuple[bytes, str | None]:
+        if path != LOKI_OTLP_LOGS_PATH:
+            raise ValueError(f"unexpected path {path}")
+        if "protobuf" not in headers.get("Content-Type", ""):
+            raise ValueError(f"unexpected content type {headers.get('Content-Type')}")
+        if headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        try:
+            request = logs_service_pb2.ExportLogsServiceRequest.FromString(body)
+        except DecodeError:
+            if not _valid_utf8_aside(body):
+                raise
+            request = None
+        with self._lock:
+            if request is None:
+                self.not_utf8.append(body)
+            else:
+                self.requests.append(request)
+        return logs_service_pb2.ExportLogsServiceResponse().SerializeToString(), "application/x-protobuf"
 
     def records(self) -> list[CapturedLogRecord]:
         with self._lock:
@@ -440,7 +480,7 @@ class ProfileUpload:
 
 
 @dataclass
-class PyroscopeSink:
+class PyroscopeSink(_HttpSink):
     """Accepts pyroscope-io's pushes (`POST /push.v1.PusherService/Push`) and keeps them decoded."""
 
     host: str = "127.0.0.1"
@@ -448,45 +488,19 @@ class PyroscopeSink:
     uploads: list[ProfileUpload] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
 
+    thread_name = "pyroscope-sink"
+
     def __post_init__(self):
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server naming
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                try:
-                    if self.path != PUSH_PATH:
-                        raise ValueError(f"unexpected path {self.path}")
-                    sink._keep(decode_push(body, self.headers.get("Content-Encoding", "")))
-                except Exception as exc:  # noqa: BLE001 - record and answer 400, like a strict server
-                    sink.rejected.append(f"{self.path}: {exc}")
-                    self.send_response(400)
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):  # keep test output readable
-                pass
-
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
-        self.port = self._server.server_address[1]
+        self._listen()
         self.address = f"http://{self.host}:{self.port}"
 
-    def _keep(self, uploads: list[ProfileUpload]) -> None:
+    def answer(self, path: str, headers, body: bytes, arrived: float) -> tuple[bytes, str | None]:
+        if path != PUSH_PATH:
+            raise ValueError(f"unexpected path {path}")
+        uploads = decode_push(body, headers.get("Content-Encoding", ""))
         with self._lock:
             self.uploads.extend(uploads)
-
-    def start(self) -> PyroscopeSink:
-        threading.Thread(target=self._server.serve_forever, name="pyroscope-sink", daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server.socket.fileno() != -1:
-            self._server.shutdown()
-            self._server.server_close()
+        return b"", None
 
     def snapshot(self) -> list[ProfileUpload]:
         with self._lock:
@@ -529,7 +543,7 @@ class Notification:
 
 
 @dataclass
-class WebhookSink:
+class WebhookSink(_HttpSink):
     """An HTTP receiver for Alertmanager's `webhook_configs`: keeps every notification POSTed to it
     (Alertmanager's JSON, version 4: status, receiver, groupLabels, alerts[...]) with its arrival time."""
 
@@ -538,48 +552,19 @@ class WebhookSink:
     received: list[Notification] = field(default_factory=list)
     rejected: list[str] = field(default_factory=list)
 
+    thread_name = "webhook-sink"
+
     def __post_init__(self):
-        sink = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):  # noqa: N802 - http.server naming
-                arrived = time.time()
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                try:
-                    notification = Notification(arrived, self.path, json.loads(body))
-                    if not isinstance(notification.body, dict) or "alerts" not in notification.body:
-                        raise ValueError("not an Alertmanager notification (no `alerts`)")
-                except ValueError as exc:  # json's errors are ValueErrors too
-                    sink.rejected.append(f"{self.path}: {exc}")
-                    self.send_response(400)
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                with sink._lock:
-                    sink.received.append(notification)
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):  # keep test output readable
-                pass
-
-        self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer((self.host, self.port), Handler)
-        self.port = self._server.server_address[1]
+        self._listen()
         self.address = f"http://{self.host}:{self.port}/alerts"
-        self._thread: threading.Thread | None = None
 
-    def start(self) -> WebhookSink:
-        self._thread = threading.Thread(target=self._server.serve_forever, name="webhook-sink", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        if self._server.socket.fileno() != -1:
-            if self._thread is not None:  # shutdown() waits for a serve loop that never started otherwise
-                self._server.shutdown()
-            self._server.server_close()
+    def answer(self, path: str, headers, body: bytes, arrived: float) -> tuple[bytes, str | None]:
+        notification = Notification(arrived, path, json.loads(body))
+        if not isinstance(notification.body, dict) or "alerts" not in notification.body:
+            raise ValueError("not an Alertmanager notification (no `alerts`)")
+        with self._lock:
+            self.received.append(notification)
+        return b"", None
 
     def notifications(self) -> list[Notification]:
         with self._lock:
