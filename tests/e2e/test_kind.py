@@ -13,7 +13,8 @@ module, loads the images into it, installs cert-manager and the Operator at .env
   through port-forwards; the recording rules; Tempo's GET / and /fail traces; Loki's records and their
   trace ids; Pyroscope's CPU profile and span profiles; Grafana's datasources and dashboards;
 - and what only Kubernetes adds: each replica counted on its own by the manual scrape (`pod`) and by Beyla
-  (`k8s_pod_name`), and spans that carry the pod, namespace and deployment of the replica that served them.
+  (`k8s_pod_name`), spans and log streams that carry the pod, namespace and deployment of the replica that
+  served them, and locust's master with its workers.
 The cluster is deleted at the end (E2E_KEEP_STACK=1 keeps it); pods, events and logs are written to
 .cache/e2e/kind/ first, for CI to keep when something fails.
 """
@@ -78,19 +79,28 @@ class Cluster:
         return json.loads(self.k(*args))["items"]
 
     def app_pods(self) -> list[dict]:
-        return self.objects("pods", selector=f"app.kubernetes.io/name={SERVICE}")
+        """The app's pods that serve: not those still terminating after a rollout restart."""
+        pods = self.objects("pods", selector=f"app.kubernetes.io/name={SERVICE}")
+        return [pod for pod in pods if "deletionTimestamp" not in pod["metadata"]]
 
     def forward(self, target: str, remote_port: int, namespace: str = NAMESPACE) -> str:
-        """kubectl port-forward to a random local port; returns the local base URL."""
-        process = subprocess.Popen(
-            [str(self.kubectl), "--kubeconfig", str(self.kubeconfig), "-n", namespace, "port-forward",
-             "--address", "127.0.0.1", target, f":{remote_port}"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        """kubectl port-forward to a random local port; returns the local base URL. Its output goes to a
+        file: it prints a line per connection, which would fill an unread pipe and stall the forward."""
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        log = LOG_DIR / f"port-forward-{target.replace('/', '-')}.log"
+        with log.open("w") as out:
+            process = subprocess.Popen(
+                [str(self.kubectl), "--kubeconfig", str(self.kubeconfig), "-n", namespace, "port-forward",
+                 "--address", "127.0.0.1", target, f":{remote_port}"],
+                stdout=out, stderr=subprocess.STDOUT)
         self.forwards.append(process)
-        line = process.stdout.readline()  # "Forwarding from 127.0.0.1:41235 -> 9090"
-        match = re.search(r"127\.0\.0\.1:(\d+) ->", line)
-        assert match, f"kubectl port-forward {target} :{remote_port} said {line!r} ({process.poll()=})"
-        return f"http://127.0.0.1:{match.group(1)}"
+
+        def local_port():
+            assert process.poll() is None, f"kubectl port-forward {target} exited: {log.read_text()}"
+            # "Forwarding from 127.0.0.1:41235 -> 9090"
+            return re.search(r"127\.0\.0\.1:(\d+) ->", log.read_text())
+
+        return f"http://127.0.0.1:{poll(local_port, 60, f'kubectl port-forward {target}', interval=0.5).group(1)}"
 
 
 def build_images(env: dict[str, str]) -> None:
@@ -286,7 +296,8 @@ def test_span_ids_of_traces_resolve_to_span_profiles(backends, load):
 
 def test_prometheus_sends_alerts_to_the_alertmanager(backends):
     checks.prometheus_sends_alerts_to_the_alertmanager(
-        backends, f"http://alertmanager.{NAMESPACE}.svc:9093/api/v2/alerts", dotenv()["ALERTMANAGER_VERSION"])
+        # The address of compose's Prometheus config, unchanged: the Service alertmanager in the same namespace.
+        backends, "http://alertmanager:9093/api/v2/alerts", dotenv()["ALERTMANAGER_VERSION"])
 
 
 def test_grafana_datasources_are_healthy(backends):
@@ -314,6 +325,18 @@ def test_spans_carry_the_pod_namespace_and_deployment_of_their_replica(backends,
                  f'resource.k8s.namespace.name = "{NAMESPACE}" && resource.k8s.deployment.name = "{SERVICE}" }}')
         traces = poll(lambda query=query: backends.tempo_search(query), 180, f"Tempo search {query}", interval=5)
         assert all(trace.get("rootServiceName") == SERVICE for trace in traces)
+
+
+def test_log_streams_carry_the_pod_namespace_and_deployment_of_their_replica(backends, load):
+    # Loki's OTLP defaults make these resource attributes stream labels (the trace ids stay metadata).
+    def labelled():
+        values = {label: set(backends.loki_get(f"label/{label}/values", {})["data"])
+                  for label in ("k8s_pod_name", "k8s_namespace_name", "k8s_deployment_name")}
+        assert set(load["sent_by_pod"]) <= values["k8s_pod_name"], values
+        assert NAMESPACE in values["k8s_namespace_name"] and SERVICE in values["k8s_deployment_name"], values
+        return values
+
+    poll(labelled, 120, "Loki stream labels of both app pods", interval=5)
 
 
 def test_locust_runs_distributed_with_its_workers(backends, load):
