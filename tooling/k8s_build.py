@@ -26,9 +26,10 @@ module: it requires the module, repeats its `go` line and its replaces with each
 the sibling module of the same release (`k8s.io/api => k8s.io/api v0.34.4` for Kubernetes v1.34.4), and
 checks that every other dependency resolved to the version the module itself was released with.
 
-Measured on 2 cores (2026-11-30): about 21 minutes with Go's caches cold and the machine shared
-(kube-apiserver + kubectl 8 min, the Operator 12 min, etcd 1 min, the rest seconds); 75 s into an empty
-.cache with Go's caches warm (a fresh clone on a used machine: mostly linking); 0.1 s when cached.
+Measured on 2 cores (2026-11-30), Go's caches cold and the other Go builds of `make test` running at the
+same time: about 32 minutes (kube-apiserver + kubectl 25 min, the Operator 6 min, etcd 1.5 min, the rest
+seconds; alone on a less busy machine, 21). 75 s into an empty .cache with Go's caches warm (a fresh clone
+on a used machine: mostly linking); 0.1 s when cached.
 
 ``python -m tooling.k8s_build`` builds whatever is missing and prints where each part is.
 
