@@ -1,8 +1,9 @@
 """Kubernetes: what `kubectl kustomize k8s/` renders, checked by the real tools (issue 12, "Validation, for real").
 
 1. **kubeconform**, strict, against the Kubernetes 1.34 schemas and the OpenTelemetry Operator's CRD schemas,
-   with local schemas only and never `-ignore-missing-schemas`: every rendered object must be valid, and the
-   broken fixtures in tests/data/k8s-broken/ must fail, so that a schema gone missing cannot pass silently.
+   with local schemas only and never told to skip a kind it has no schema for: every rendered object must be
+   valid, and the broken fixtures in tests/data/k8s-broken/ must fail, so that a schema gone missing cannot
+   pass silently.
 2. **A real kube-apiserver and etcd**: the Operator's CRDs applied and established, the rendered namespaces
    and their `default` ServiceAccounts created (no controller-manager runs), then `kubectl apply
    --dry-run=server` of everything rendered. The broken fixtures are refused here too.
