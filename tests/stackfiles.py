@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from tooling.envfile import load_env_file
+from tooling.envfile import interpolate, load_env_file
 from tooling.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -28,11 +28,6 @@ DOTENV_FILE = REPO_ROOT / ".env"
 # The services of the stack; `probe` runs the healthchecks the scratch/distroless images cannot.
 SERVICES = {"app", "beyla", "otel-collector", "prometheus", "alertmanager", "tempo", "loki", "pyroscope", "grafana",
             "locust", "probe"}
-
-# Compose interpolation: $$ is a literal $, otherwise $VAR or ${VAR[:-|-|:?|?|:+|+]word}.
-_VAR = re.compile(
-    r"\$(?:\$|\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?+])?(?P<arg>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
-)
 
 # Our small Go program around Compose's own loader (compose-go), and where its builds are cached.
 COMPOSE_CONFIG_SRC = REPO_ROOT / "tests" / "compose_config"
@@ -44,35 +39,6 @@ _SKIP_DIRS = {".git", ".venv", ".cache", ".native", "build", "__pycache__", ".py
 
 def dotenv(path: Path = DOTENV_FILE) -> dict[str, str]:
     return load_env_file(path)
-
-
-def variables(text: str) -> set[str]:
-    """Names of the variables a Compose file interpolates."""
-    return {m["braced"] or m["bare"] for m in _VAR.finditer(text) if m.group(0) != "$$"}
-
-
-def interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose's interpolation of `text` with `env` (unset and empty differ as in Compose)."""
-
-    def substitute(m: re.Match) -> str:
-        if m.group(0) == "$$":
-            return "$"
-        name = m["braced"] or m["bare"]
-        op, arg = m["op"], m["arg"]
-        value = env.get(name)
-        if op in (":-", "-"):
-            unset = value is None or (op == ":-" and value == "")
-            return arg if unset else value
-        if op in (":?", "?"):
-            if value is None or (op == ":?" and value == ""):
-                raise KeyError(f"required variable {name} is missing: {arg}")
-            return value
-        if op in (":+", "+"):
-            set_ = value is not None and (op == "+" or value != "")
-            return arg if set_ else ""
-        return value or ""
-
-    return _VAR.sub(substitute, text)
 
 
 def compose_text() -> str:

@@ -30,10 +30,9 @@ from stackfiles import (
     compose_environment,
     dotenv,
     raw_compose,
-    variables,
 )
 
-from tooling.envfile import load_env_file
+from tooling.envfile import load_env_file, variables
 
 pytestmark = pytest.mark.integration
 

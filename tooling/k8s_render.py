@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import re
 import sys
 import textwrap
 import tomllib
@@ -35,7 +34,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
-from tooling.envfile import load_env_file
+from tooling.envfile import interpolate, load_env_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 K8S_DIR = REPO_ROOT / "k8s"
@@ -127,26 +126,6 @@ def app_env(root: Path = REPO_ROOT) -> dict[str, str]:
 
 def compose(root: Path = REPO_ROOT) -> dict:
     return yaml.safe_load((root / "docker-compose.yml").read_text())
-
-
-_VAR = re.compile(r"\$(?:\$|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\})")
-
-
-def interpolate(text: str, env: dict[str, str]) -> str:
-    """Compose's interpolation for the forms docker-compose.yml uses: ${VAR}, ${VAR:-x}, ${VAR:?msg}."""
-
-    def substitute(match: re.Match) -> str:
-        if match.group(0) == "$$":
-            return "$"
-        name, op, arg = match["name"], match["op"], match["arg"]
-        value = env.get(name)
-        if op in (":-", "-"):
-            return arg if value is None or (op == ":-" and value == "") else value
-        if op in (":?", "?") and (value is None or (op == ":?" and value == "")):
-            raise KeyError(f"{name} is required: {arg}")
-        return value or ""
-
-    return _VAR.sub(substitute, text)
 
 
 def zerocode_version(root: Path = REPO_ROOT) -> str:
@@ -527,33 +506,35 @@ def _existing(k8s_dir: Path) -> set[str]:
     return found
 
 
-def drift(k8s_dir: Path = K8S_DIR, expected: dict[str, str] | None = None) -> list[str]:
-    """What differs between k8s_dir and the renderer: missing, changed and stale generated files."""
-    expected = generated_files() if expected is None else expected
-    problems = []
+def _compare(k8s_dir: Path, expected: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """({path: "missing" or "differs from its source"} of what must be written, [stale paths to remove])."""
+    to_write = {}
     for path, text in sorted(expected.items()):
         target = k8s_dir / path
         if not target.is_file():
-            problems.append(f"{path}: missing")
+            to_write[path] = "missing"
         elif target.read_text() != text:
-            problems.append(f"{path}: differs from its source")
-    problems += [f"{path}: stale (no source gives it)" for path in sorted(_existing(k8s_dir) - set(expected))]
-    return problems
+            to_write[path] = "differs from its source"
+    return to_write, sorted(_existing(k8s_dir) - set(expected))
+
+
+def drift(k8s_dir: Path = K8S_DIR, expected: dict[str, str] | None = None) -> list[str]:
+    """What differs between k8s_dir and the renderer: missing, changed and stale generated files."""
+    to_write, stale = _compare(k8s_dir, generated_files() if expected is None else expected)
+    return [f"{path}: {why}" for path, why in to_write.items()] + [
+        f"{path}: stale (no source gives it)" for path in stale]
 
 
 def write(k8s_dir: Path = K8S_DIR, expected: dict[str, str] | None = None) -> list[str]:
     expected = generated_files() if expected is None else expected
-    changed = []
-    for path, text in sorted(expected.items()):
+    to_write, stale = _compare(k8s_dir, expected)
+    for path in to_write:
         target = k8s_dir / path
-        if not target.is_file() or target.read_text() != text:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text)
-            changed.append(path)
-    for path in sorted(_existing(k8s_dir) - set(expected)):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(expected[path])
+    for path in stale:
         (k8s_dir / path).unlink()
-        changed.append(f"{path} (removed)")
-    return changed
+    return list(to_write) + [f"{path} (removed)" for path in stale]
 
 
 # --- a kustomize for what k8s/ uses --------------------------------------------------------------------
@@ -561,19 +542,6 @@ def write(k8s_dir: Path = K8S_DIR, expected: dict[str, str] | None = None) -> li
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition",
                   "PersistentVolume", "StorageClass", "MutatingWebhookConfiguration",
                   "ValidatingWebhookConfiguration", "PriorityClass", "IngressClass"}
-
-
-def _load_env_lines(path: Path) -> dict[str, str]:
-    data = {}
-    for raw in path.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        if not sep:
-            raise ValueError(f"{path}: {raw!r} is not KEY=VALUE")
-        data[key] = value
-    return data
 
 
 def _generate(folder: Path, kustomization: dict) -> list[dict]:
@@ -585,7 +553,7 @@ def _generate(folder: Path, kustomization: dict) -> list[dict]:
             path = folder / (file if sep else key)
             data[path.name if not sep else key] = path.read_text()
         for name in generator.get("envs", []):
-            data.update(_load_env_lines(folder / name))
+            data.update(load_env_file(folder / name))
         for literal in generator.get("literals", []):
             key, _, value = literal.partition("=")
             data[key] = value
