@@ -56,7 +56,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tooling.envfile import DOTENV, load_env_file
-from tooling.gobuild import BUILD_ENV, go_executable, publish, recipe_key, run_logged, work_dir
+from tooling.gobuild import BUILD_ENV, go_executable, publish_all, recipe_key, run_logged, work_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_ROOT = REPO_ROOT / ".cache"
@@ -89,7 +89,7 @@ OTEL_OPERATOR_VERSION = dotenv_release("OTEL_OPERATOR_VERSION")
 # as of its x.y.0 release; 1.34.0's are the schemas of the 1.34 API. The wheel is checked against its hash.
 KUBERNETES_VALIDATE_VERSION = "1.37.0"
 KUBERNETES_VALIDATE_SHA256 = "85136d018a27b50ec7fc049d902bfa5193f5976807e6c0f408e3ab6fe078cad9"
-SCHEMA_KUBERNETES_VERSION = "1.34.0"
+SCHEMA_KUBERNETES_VERSION = ".".join(KUBERNETES_VERSION.removeprefix("v").split(".")[:2]) + ".0"
 
 KUBERNETES_MODULE = "k8s.io/kubernetes"
 ETCD_MODULE = "go.etcd.io/etcd/server/v3"
@@ -369,9 +369,9 @@ def _wrapper_build(go: _Go, workdir: Path, module: str, version: str, packages: 
     return built
 
 
-def _finish(built: dict[str, Path], targets: dict[str, Path], workdir: Path) -> None:
-    for name, path in built.items():
-        publish(path, targets[name])
+def _finish(out: Path, targets: list[Path], go: _Go, workdir: Path) -> None:
+    """Publish the binaries built into `out` (each named as its target) and drop the work directory."""
+    publish_all(out, targets, K8sBuildError, f"{go.what} (log: {go.log})")
     shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -385,10 +385,10 @@ def build_kubernetes() -> tuple[Path, Path]:
     go = _Go(f"building kube-apiserver and kubectl {KUBERNETES_VERSION} ({KUBERNETES_MODULE})", workdir)
     download = go.download(KUBERNETES_MODULE, KUBERNETES_VERSION, workdir)
     staging = kubernetes_staging_version()
-    built = _wrapper_build(go, workdir, KUBERNETES_MODULE, KUBERNETES_VERSION,
-                           {name: f"{KUBERNETES_MODULE}/cmd/{name}" for name in ("kube-apiserver", "kubectl")},
-                           kubernetes_ldflags(), lambda _path: staging, download)
-    _finish(built, {"kube-apiserver": paths.kube_apiserver, "kubectl": paths.kubectl}, workdir)
+    _wrapper_build(go, workdir, KUBERNETES_MODULE, KUBERNETES_VERSION,
+                   {name: f"{KUBERNETES_MODULE}/cmd/{name}" for name in ("kube-apiserver", "kubectl")},
+                   kubernetes_ldflags(), lambda _path: staging, download)
+    _finish(workdir / "bin", [paths.kube_apiserver, paths.kubectl], go, workdir)
     return paths.kube_apiserver, paths.kubectl
 
 
@@ -398,9 +398,9 @@ def build_etcd() -> Path:
     workdir = work_dir(paths.etcd.parent.parent, paths.etcd.parent.name)
     go = _Go(f"building etcd {ETCD_VERSION} ({ETCD_MODULE})", workdir)
     download = go.download(ETCD_MODULE, ETCD_VERSION, workdir)
-    built = _wrapper_build(go, workdir, ETCD_MODULE, ETCD_VERSION, {"etcd": ETCD_MODULE}, etcd_ldflags(),
-                           lambda _path: ETCD_VERSION, download)
-    _finish(built, {"etcd": paths.etcd}, workdir)
+    _wrapper_build(go, workdir, ETCD_MODULE, ETCD_VERSION, {"etcd": ETCD_MODULE}, etcd_ldflags(),
+                   lambda _path: ETCD_VERSION, download)
+    _finish(workdir / "bin", [paths.etcd], go, workdir)
     return paths.etcd
 
 
@@ -414,7 +414,7 @@ def build_kubeconform() -> Path:
     go.run("install", *BUILD_FLAGS, f"-ldflags={kubeconform_ldflags()}",
            f"{KUBECONFORM_MODULE}/cmd/kubeconform@{KUBECONFORM_VERSION}", cwd=workdir,
            env={**go.env, "GOBIN": str(out)})
-    _finish({"kubeconform": out / "kubeconform"}, {"kubeconform": paths.kubeconform}, workdir)
+    _finish(out, [paths.kubeconform], go, workdir)
     return paths.kubeconform
 
 
@@ -431,7 +431,7 @@ def build_kind(version: str | None = None) -> Path:
     result = subprocess.run([str(out / "kind"), "version"], capture_output=True, text=True, timeout=60)
     if result.returncode != 0 or not result.stdout.startswith(f"kind {version} "):
         raise K8sBuildError(f"{go.what}: `kind version` printed {result.stdout + result.stderr!r}; log: {go.log}")
-    _finish({"kind": out / "kind"}, {"kind": target}, workdir)
+    _finish(out, [target], go, workdir)
     return target
 
 

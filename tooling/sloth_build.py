@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tooling.gobuild import BUILD_ENV, go_executable, publish, recipe_key, run_logged, work_dir
+from tooling.gobuild import BUILD_ENV, cached_or_built, go_executable, publish_all, recipe_key, run_logged, work_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / ".cache" / "sloth"
@@ -80,19 +80,15 @@ def build(version: str = SLOTH_VERSION) -> Path:
     env = {**os.environ, **BUILD_ENV, "GOBIN": str(out)}
     run_logged([go, "install", *BUILD_FLAGS, f"-ldflags={ldflags(version)}", f"{PACKAGE}@{version}"], log,
                SlothBuildError, f"building Sloth {version} ({PACKAGE}@{version}) with {go}", env=env, cwd=workdir)
-    built = out / "sloth"
-    if not built.exists():
-        raise SlothBuildError(f"building Sloth {version}: go install reported success but {built} is missing; "
-                              f"log: {log}")
-    target = publish(built, binary_path(version))
+    publish_all(out, [binary_path(version)], SlothBuildError, f"building Sloth {version} (log: {log})")
     shutil.rmtree(workdir, ignore_errors=True)
-    return target
+    return binary_path(version)
 
 
 def sloth_binary(version: str = SLOTH_VERSION) -> Path:
     """The Sloth binary of `version`; builds it if not cached."""
-    target = binary_path(version)
-    return target if target.exists() else build(version)
+    (target,) = cached_or_built([binary_path(version)], lambda: [build(version)])
+    return target
 
 
 def generate(spec: Path = SPEC, sloth: Path | None = None, period: str = SLO_PERIOD,
