@@ -315,13 +315,8 @@ def load(injected):
     return {"expected": expected, "otel": otel, "manual": manual}
 
 
-def server_spans(stack):
-    return stack.tempo_sink.server_spans()
-
-
 def dice_rolled(stack):
-    return [r for r in stack.loki_sink.records() if r.resource.get("service.name") == "dice-api"
-            and str(r.body).startswith("Dice rolled: ")]
+    return [r for r in stack.loki_sink.records("dice-api") if str(r.body).startswith("Dice rolled: ")]
 
 
 @pytest.mark.integration
@@ -345,14 +340,13 @@ def test_each_gunicorn_worker_exports_as_its_own_instance(injected, load):
     given = dict(pair.split("=", 1) for pair in injected["environment"]["OTEL_RESOURCE_ATTRIBUTES"].split(","))
     operator_id = given["service.instance.id"]
     workers = int(injected["environment"]["GUNICORN_WORKERS"])
-    spans = server_spans(stack)
+    spans = stack.tempo_sink.server_spans()
     span_ids = Counter(s.resource.get("service.instance.id") for s in spans)
     series = stack.query('count by (instance, job) (http_server_request_duration_seconds_count'
                          '{telemetry_source="otel"})')
     metric_ids = {r["metric"]["instance"] for r in series}
     jobs = {r["metric"]["job"] for r in series}
-    log_ids = Counter(r.resource.get("service.instance.id") for r in stack.loki_sink.records()
-                      if r.resource.get("service.name") == "dice-api")
+    log_ids = Counter(r.resource.get("service.instance.id") for r in stack.loki_sink.records("dice-api"))
     print(f"\nOperator's service.instance.id: {operator_id}\nSERVER spans by instance: {dict(span_ids)}"
           f"\nPrometheus `instance` of the otel request series: {sorted(metric_ids)} (job {sorted(jobs)})"
           f"\nlog records by instance: {dict(log_ids)}")
@@ -395,7 +389,7 @@ def test_injected_span_profiles(injected, load):
     assert uploads and {u.labels["service_name"] for u in uploads} == {"dice-api"}
     assert VIEW_FUNCTION in set().union(*[u.function_names() for u in uploads])
     labelled = set().union(*[u.sample_labels("span_id") for u in uploads])
-    roots = {s.attributes.get("pyroscope.profile.id") for s in server_spans(stack)}
+    roots = {s.attributes.get("pyroscope.profile.id") for s in stack.tempo_sink.server_spans()}
     pids = set().union(*[u.sample_labels("pid") for u in uploads]) or {u.labels.get("pid") for u in uploads}
     print(f"\nprofile uploads {len(uploads)} from pids {sorted(map(str, pids))}, "
           f"span ids in profiles {len(labelled)}, matched {len(labelled & roots)}")
@@ -408,11 +402,10 @@ def test_injected_log_records_one_per_roll_in_the_request_trace(injected, load):
     stack = injected["stack"]
     time.sleep(2)  # anything doubled would have arrived (the SDK exports logs every second)
     records = dice_rolled(stack)
-    spans = {(s.trace_id, s.span_id) for s in server_spans(stack) if s.attributes.get("http.route") == "/"}
+    spans = {(s.trace_id, s.span_id) for s in stack.tempo_sink.server_spans("/")}
     print(f"\n`Dice rolled` records {len(records)}, rolls sent {load['expected'][('/', '200')]}")
     assert len(records) == load["expected"][("/", "200")]
     assert {(r.trace_id, r.span_id) for r in records} == spans
-    errors = [r for r in stack.loki_sink.records() if r.resource.get("service.name") == "dice-api"
-              and r.severity == "ERROR"]
+    errors = [r for r in stack.loki_sink.records("dice-api") if r.severity == "ERROR"]
     assert len(errors) == load["expected"][("/fail", "500")]
     print(f"injection run so far: {time.monotonic() - injected['started']:.1f} s")

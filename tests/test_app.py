@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tooling.k8s_injection import requirement_pins
 from tooling.native import AppSettings, free_port, start_app
 
 APP_DIR = Path(__file__).resolve().parent.parent / "app"
@@ -132,18 +133,6 @@ def test_app_code_never_touches_observability_libraries():
 
 
 # ------------------------------------------------------------------------------ image and pinning
-
-def requirement_pins(path: Path) -> dict[str, str]:
-    pins = {}
-    for line in path.read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if not line or line.startswith("-r"):
-            continue
-        name, sep, version = line.partition("==")
-        assert sep and re.fullmatch(r"[\w.]+", version), f"{path.name}: {line!r} is not pinned exactly"
-        pins[re.sub(r"[-_.]+", "-", name).lower()] = version
-    return pins
-
 
 @pytest.mark.unit
 def test_every_dependency_is_pinned_and_otel_versions_match():

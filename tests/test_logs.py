@@ -35,16 +35,8 @@ def sent(truth: dict) -> Counter:
     return Counter({row["name"]: row["count"] for row in truth["sent"]})
 
 
-def app_records(stack: NativeStack):
-    return [r for r in stack.loki_sink.records() if r.resource.get("service.name") == SERVICE]
-
-
 def rolls(stack: NativeStack):
-    return [r for r in app_records(stack) if str(r.body).startswith("Dice rolled: ")]
-
-
-def server_spans(stack: NativeStack, route: str):
-    return stack.tempo_sink.server_spans(route)
+    return [r for r in stack.loki_sink.records(SERVICE) if str(r.body).startswith("Dice rolled: ")]
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +53,7 @@ def load(stack):
     assert expected["/"] > 50 and expected["/fail"] > 0, expected
     poll(lambda: len(rolls(stack)) >= expected["/"], 30, f"{expected['/']} `Dice rolled` records in the sink")
     # The SDK sends spans every 5 s, logs every second: wait for the spans the records are matched with.
-    poll(lambda: all(len(server_spans(stack, route)) >= expected[route] for route in ("/", "/fail")), 30,
+    poll(lambda: all(len(stack.tempo_sink.server_spans(route)) >= expected[route] for route in ("/", "/fail")), 30,
          "a SERVER span for every request")
     return expected
 
@@ -70,18 +62,18 @@ def test_one_dice_rolled_record_per_roll_that_locust_sent(stack, load):
     time.sleep(3)  # anything late or doubled would have arrived by now (the SDK batches every second)
     records = rolls(stack)
     print(f"\nlocust sent {dict(load)}; `Dice rolled` records {len(records)}; "
-          f"records from dice-api in all {len(app_records(stack))}")
+          f"records from dice-api in all {len(stack.loki_sink.records(SERVICE))}")
     assert len(records) == load["/"]
     assert {r.severity for r in records} == {"INFO"}
     # Each written inside its request: the trace and span of that request's SERVER span.
-    spans = {(s.trace_id, s.span_id) for s in server_spans(stack, "/")}
+    spans = {(s.trace_id, s.span_id) for s in stack.tempo_sink.server_spans("/")}
     assert {(r.trace_id, r.span_id) for r in records} == spans
     assert not stack.loki_sink.rejected
 
 
 def test_every_failure_has_an_error_record_in_the_trace_of_its_server_span(stack, load):
-    errors = [r for r in app_records(stack) if r.severity == "ERROR"]
-    spans = server_spans(stack, "/fail")
+    errors = [r for r in stack.loki_sink.records(SERVICE) if r.severity == "ERROR"]
+    spans = stack.tempo_sink.server_spans("/fail")
     assert len(spans) == load["/fail"]
     assert len(errors) == load["/fail"], [r.body for r in errors][:3]
     assert {r.trace_id for r in errors} == {s.trace_id for s in spans}
@@ -94,11 +86,11 @@ def test_every_failure_has_an_error_record_in_the_trace_of_its_server_span(stack
 
 def test_records_outside_a_request_carry_no_trace_id(stack, load):
     # The zerocode hook logs once at start, in gunicorn's master, before any request.
-    startup = [r for r in app_records(stack) if r.scope == "zerocode.profiling"]
-    assert startup, f"no startup record; scopes seen: {Counter(r.scope for r in app_records(stack))}"
+    startup = [r for r in stack.loki_sink.records(SERVICE) if r.scope == "zerocode.profiling"]
+    assert startup, f"no startup record; scopes seen: {Counter(r.scope for r in stack.loki_sink.records(SERVICE))}"
     assert all(r.trace_id == "" and r.span_id == "" for r in startup), [(r.body, r.trace_id) for r in startup]
     # and every record written inside a request has one.
-    assert all(r.trace_id for r in app_records(stack) if r.scope != "zerocode.profiling")
+    assert all(r.trace_id for r in stack.loki_sink.records(SERVICE) if r.scope != "zerocode.profiling")
 
 
 def test_stdout_keeps_the_apps_lines_with_the_trace_id(stack, load):
@@ -199,14 +191,24 @@ def test_a_1_mib_message_and_invalid_utf8_neither_crash_nor_block_the_pipeline(s
 # ----------------------------------------------------------------------------------------- resilience
 
 def test_loki_down_mid_load_loses_nothing_and_the_app_carries_on(stack, load):
-    rolled_before = len(rolls(stack))
+    # Counted once the earlier tests' records have all arrived (two reads 3 s apart agree): a record of
+    # theirs arriving during this test would pass for one of this load.
+    def settled_count():
+        first = len(rolls(stack))
+        time.sleep(3)
+        return [first] if len(rolls(stack)) == first else None  # a list: 0 records is an answer too
+
+    (rolled_before,) = poll(settled_count, 30, "the earlier records all arrived", interval=0)
     seconds, stop_at, restart_at = 40, 10, 25
     started = time.time()
     locust = run_locust(stack.app_url, seconds, 10, stack.run_dir, name="loki-outage", background=True)
     time.sleep(stop_at)
     stopped = time.time()
     stack.loki_sink.stop()  # the port refuses connections, as a Loki container that is gone
+    received_at_stop = len(stack.loki_sink.requests)
     time.sleep(restart_at - stop_at)
+    # The outage was real: nothing was received while the port was closed (the SDK exports every second).
+    assert len(stack.loki_sink.requests) == received_at_stop, "the Loki sink took requests while stopped"
     restarted = time.time()
     stack.loki_sink.start()
     locust.wait(seconds + 60)
@@ -228,3 +230,6 @@ def test_loki_down_mid_load_loses_nothing_and_the_app_carries_on(stack, load):
           f"exporter send_failed_log_records {failed and failed[0]['value'][1]}")
     assert_unaffected(before, during, after)
     assert lost == 0 and unique == expected
+    # And records written while Loki was down were among them: queued and delivered after the restart.
+    written_during = [r for r in rolls(stack) if stopped * 1e9 < r.record.time_unix_nano < restarted * 1e9]
+    assert written_during, "no record was written during the outage"

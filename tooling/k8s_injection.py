@@ -230,14 +230,16 @@ def normalise(name: str) -> str:
 
 
 def requirement_pins(path: Path) -> dict[str, str]:
+    """{normalised name: version} of a requirements file whose every line pins exactly (`-r` lines aside)."""
     pins = {}
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
-        if line:
-            name, sep, version = line.partition("==")
-            if not sep:
-                raise ValueError(f"{path}: {line!r} is not pinned with ==")
-            pins[normalise(name)] = version.strip()
+        if not line or line.startswith("-r"):
+            continue
+        name, sep, version = line.partition("==")
+        if not sep or not re.fullmatch(r"[\w.]+", version.strip()):
+            raise ValueError(f"{path.name}: {line!r} is not pinned exactly (==)")
+        pins[normalise(name)] = version.strip()
     return pins
 
 

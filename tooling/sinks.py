@@ -318,12 +318,18 @@ class LogsSink(_HttpSink):
                 self.requests.append(request)
         return logs_service_pb2.ExportLogsServiceResponse().SerializeToString(), "application/x-protobuf"
 
-    def records(self) -> list[CapturedLogRecord]:
+    def records(self, service: str | None = None) -> list[CapturedLogRecord]:
+        """Every record kept, or those of one service.name."""
         with self._lock:
             requests = list(self.requests)
-        return [CapturedLogRecord(attributes(rl.resource.attributes), sl.scope.name, record)
-                for request in requests for rl in request.resource_logs for sl in rl.scope_logs
-                for record in sl.log_records]
+        kept = []
+        for request in requests:
+            for rl in request.resource_logs:
+                resource = attributes(rl.resource.attributes)
+                if service is None or resource.get("service.name") == service:
+                    kept += [CapturedLogRecord(resource, sl.scope.name, record)
+                             for sl in rl.scope_logs for record in sl.log_records]
+        return kept
 
 
 def _bytes_for_strings_twin(message_name: str, *files) -> type:
