@@ -236,6 +236,7 @@ def test_the_native_stack_listens_on_the_default_host_ports():
     assert int(env["OTEL_COLLECTOR_METRICS_PORT"]) == fixed.collector_metrics
     assert int(env["BEYLA_PORT"]) == fixed.beyla
     assert int(env["PYROSCOPE_PORT"]) == fixed.pyroscope_sink
+    assert int(env["LOKI_PORT"]) == fixed.loki_sink
 
 
 def test_settings_are_not_restated_as_environment_variables(services):

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 import requests
-from stackfiles import REPO_ROOT, dashboard_panels, with_source
+from stackfiles import EXPECTED_STATUS, REPO_ROOT, dashboard_panels, with_source
 
 from tooling.native import poll
 
@@ -31,7 +31,6 @@ DATASOURCE_UIDS = ("prometheus", "tempo", "loki", "pyroscope")
 # Panels that are rightly empty on a healthy stack where Beyla runs (natively BeylaTargetDown is pending).
 MAY_BE_EMPTY = {"slo": ("Alerts firing or pending now, with their runbooks",)}
 # The known load: every route, the error route and unknown paths (one series, `/**`, for all of them).
-EXPECTED_STATUS = {"/": 200, "/health": 200, "/fail": 500}
 PLAN = ["/"] * 1500 + ["/health"] * 100 + ["/fail"] * 100 + [f"/no-such-page-{i}" for i in range(50)]
 
 

@@ -25,7 +25,6 @@ import json
 import os
 import re
 import subprocess
-import tomllib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import requests
 from backend_checks import SERVICE, Backends, send_known_load, skip_unless, why_no_docker
 from stackfiles import REPO_ROOT, dotenv
 
+from tooling.k8s_render import BEYLA_NAMESPACE, NAMESPACE, OWNERS_IMAGE, zerocode_image
 from tooling.native import poll
 
 pytestmark = pytest.mark.e2e
@@ -43,18 +43,10 @@ pytestmark = pytest.mark.e2e
 skip_unless("kind tier", why_no_docker())
 
 CLUSTER = "dice-e2e"
-NAMESPACE = "dice-observability"
-BEYLA_NAMESPACE = "dice-observability-beyla"
-OWNERS_IMAGE = "dice-api:owners"  # k8s/stack/app.yaml
 INIT_CONTAINER = "opentelemetry-auto-instrumentation-python"  # the Operator's name for it
 LOG_DIR = REPO_ROOT / ".cache" / "e2e" / "kind"
 CERT_MANAGER_URL = "https://github.com/cert-manager/cert-manager/releases/download/{}/cert-manager.yaml"
 OPERATOR_URL = "https://github.com/open-telemetry/opentelemetry-operator/releases/download/{}/opentelemetry-operator.yaml"
-
-
-def instrumentation_image() -> str:
-    version = tomllib.loads((REPO_ROOT / "instrumentation" / "pyproject.toml").read_text())["project"]["version"]
-    return f"dice-observability/zerocode-python:{version}"
 
 
 def run(*args: str | Path, timeout: float = 600, check: bool = True, env: dict | None = None) -> str:
@@ -109,7 +101,7 @@ def build_images(env: dict[str, str]) -> None:
     busybox = ("--build-arg", f"BUSYBOX_VERSION={env['BUSYBOX_VERSION']}")
     run("docker", "build", "--target", "owners", *python, "-t", OWNERS_IMAGE,
         "-f", REPO_ROOT / "app" / "Dockerfile", REPO_ROOT, timeout=1200)
-    run("docker", "build", *python, *busybox, "-t", instrumentation_image(),
+    run("docker", "build", *python, *busybox, "-t", zerocode_image(),
         "-f", REPO_ROOT / "instrumentation" / "Dockerfile", REPO_ROOT, timeout=1200)
 
 
@@ -166,7 +158,7 @@ def cluster(tmp_path_factory):
     run(cluster.kind, "create", "cluster", "--name", CLUSTER, "--image", k8s_build.kind_node_image(),
         "--kubeconfig", cluster.kubeconfig, "--wait", "300s", timeout=900)
     try:
-        run(cluster.kind, "load", "docker-image", "--name", CLUSTER, OWNERS_IMAGE, instrumentation_image(),
+        run(cluster.kind, "load", "docker-image", "--name", CLUSTER, OWNERS_IMAGE, zerocode_image(),
             timeout=900)
         install_stack(cluster, env)
         yield cluster
@@ -243,7 +235,7 @@ def test_the_operator_injected_our_image_into_every_app_pod(cluster):
     for pod in cluster.app_pods():
         name = pod["metadata"]["name"]
         (init,) = [c for c in pod["spec"]["initContainers"] if c["name"] == INIT_CONTAINER]
-        assert init["image"] == instrumentation_image(), name
+        assert init["image"] == zerocode_image(), name
         (app,) = [c for c in pod["spec"]["containers"] if c["name"] == SERVICE]
         assert app["image"] == OWNERS_IMAGE and app["command"] == ["gunicorn", "-c", "gunicorn.conf.py"], name
         env = {item["name"]: item.get("value") for item in app["env"]}
