@@ -232,6 +232,30 @@ def test_shared_build_steps_key_publish_and_reuse(tmp_path):
 
 
 @pytest.mark.unit
+def test_concurrent_callers_of_a_missing_build_wait_for_one_build(tmp_path):
+    import threading
+    import time
+
+    from tooling import gobuild
+
+    targets, builds = [tmp_path / "cache" / "1.0-abc" / "tool"], []
+
+    def build():
+        builds.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for every other caller to arrive and find the binary missing
+        targets[0].parent.mkdir(parents=True, exist_ok=True)
+        targets[0].write_text("built")
+        return targets
+
+    callers = [threading.Thread(target=gobuild.cached_or_built, args=(targets, build)) for _ in range(4)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join(10)
+    assert len(builds) == 1 and targets[0].read_text() == "built", builds
+
+
+@pytest.mark.unit
 def test_wrapper_module_copies_the_main_module_only_directives(tmp_path):
     upstream = {"Go": "1.25.8", "Exclude": [{"Path": "a.example/x", "Version": "v1.0.0"}],
                 "Replace": [{"Old": {"Path": "b.example/y"}, "New": {"Path": "b.example/y", "Version": "v0.2.0"}},
