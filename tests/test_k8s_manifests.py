@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tooling import k8s_render
+from tooling.collector import MODULE_TYPES, config_components, k8s_collector_configs, load_manifest, manifest_modules
 from tooling.envfile import load_env_file
 
 pytestmark = pytest.mark.unit
@@ -568,6 +569,27 @@ def test_k8s_attributes_can_read_pods_and_namespaces(objects):
     assert bound(objects, "ClusterRole", role["metadata"]["name"], account, NS)
 
 
+def test_the_collector_manifest_builds_every_component_of_the_k8s_collector_configs(objects):
+    """The collector that tests/test_collector.py validates the k8s configs with is built from
+    otel-collector/builder-config.yaml: every component a k8s config layer names must be in it, at the
+    image's version."""
+    collectors = k8s_collector_configs(objects)
+    assert [key for key, _ in collectors["Deployment/otel-collector/otel-collector"]] == [
+        "otel-collector-config.yaml", "otel-collector-k8s.yaml"]
+    manifest = load_manifest()
+    provided = {MODULE_TYPES[module] for _, module, _ in manifest_modules(manifest) if module in MODULE_TYPES}
+    version = manifest["dist"]["version"]
+    for where, layers in collectors.items():
+        named = config_components(*(yaml.safe_load(text) for _, text in layers))
+        for kind, kind_type in sorted(named - provided):
+            singular = kind.removesuffix("s")
+            pytest.fail(
+                f"{where} (--config {', '.join(key for key, _ in layers)}) names the {singular} {kind_type!r}, which "
+                f"otel-collector/builder-config.yaml does not build. Add its module at v{version} (for contrib: "
+                f"github.com/open-telemetry/opentelemetry-collector-contrib/{singular}/"
+                f"{kind_type.replace('_', '')}{singular} v{version}) and its type to tooling.collector.MODULE_TYPES.")
+
+
 # --- Prometheus -------------------------------------------------------------------------------------------
 
 
@@ -696,4 +718,25 @@ def test_locust_runs_distributed_with_compose_files(objects):
     assert int(env["LOCUST_MASTER_NODE_PORT"]) in {p["port"] for p in service["spec"]["ports"]}
     locustfile = configmap(objects, "locustfile")["locustfile.py"]
     assert k8s_render.source_of_copy(locustfile, "locustfile.py") == (REPO_ROOT / "locustfile.py").read_text()
-    assert configmap(objects, "locust-settings") == load_env_file(REPO_ROOT / "locust" / "locust.env")
+    # As compose's locust: locust.env, then the app's cost profile (its sampler: locust roots the traces).
+    profile = load_env_file(REPO_ROOT / "app" / f"profile-{k8s_render.dotenv()['APP_PROFILE']}.env")
+    assert configmap(objects, "locust-settings") == {
+        **load_env_file(REPO_ROOT / "locust" / "locust.env"),
+        **{key: value for key, value in profile.items() if key.startswith("OTEL_")}}
+
+
+def test_the_lean_profile_samples_at_locust_as_at_the_app(monkeypatch):
+    # APP_PROFILE=lean in .env: the Instrumentation and locust get the same sampler, or locust's sampled
+    # parents keep every trace (app/profile-lean.env).
+    real = k8s_render.dotenv
+    monkeypatch.setattr(k8s_render, "dotenv", lambda root=REPO_ROOT: {**real(root), "APP_PROFILE": "lean"})
+    files = k8s_render.generated_files()
+    locust = load_env_text(files["stack/generated/locust/profile.env"])
+    app = dict(k8s_render.instrumentation_env())
+    sampler = {key: app[key] for key in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")}
+    assert sampler == {"OTEL_TRACES_SAMPLER": "parentbased_traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"}
+    assert sampler.items() <= locust.items(), locust
+
+
+def load_env_text(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if line and not line.startswith("#"))

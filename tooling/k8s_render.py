@@ -304,6 +304,17 @@ def settings_env(root: Path) -> str:
     return header(["app/app.env"], what) + "".join(f"{key}={value}\n" for key, value in app_settings(root))
 
 
+def locust_profile_env(root: Path) -> str:
+    """What compose gives locust after locust/locust.env: the APP_PROFILE file's OTEL_* keys. Locust's
+    client span is the root of every trace and the app's parentbased sampler follows it, so locust must
+    sample as the profile says (app/profile-lean.env says why)."""
+    profile = dotenv(root)["APP_PROFILE"]
+    values = load_env_file(root / "app" / f"profile-{profile}.env")
+    what = " (its OTEL_* keys, for locust, as compose's second env_file of the locust service)"
+    return header([f"app/profile-{profile}.env"], what) + "".join(
+        f"{key}={value}\n" for key, value in values.items() if key.startswith("OTEL_"))
+
+
 def grafana_env(root: Path) -> str:
     env = dotenv(root)
     grafana = compose(root)["services"]["grafana"]
@@ -432,7 +443,7 @@ def stack_component(files: dict[str, str]) -> str:
         {"name": "grafana-dashboards", "files": under("grafana/dashboards")},
         {"name": "grafana-entrypoint", "files": ["grafana/entrypoint.sh"]},
         {"name": "grafana-settings", "envs": ["grafana/grafana.env"]},
-        {"name": "locust-settings", "envs": ["locust/locust.env"]},
+        {"name": "locust-settings", "envs": ["locust/locust.env", "locust/profile.env"]},
         {"name": "locustfile", "files": ["locustfile.py"]},
     ]
     body = {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component",
@@ -482,6 +493,7 @@ def generated_files(root: Path = REPO_ROOT) -> dict[str, str]:
         "stack/generated/otel-collector/otel-collector-k8s.yaml":
             (collector_overlay, "otel-collector/otel-collector-config.yaml (k8s_attributes)"),
         "stack/generated/grafana/grafana.env": (grafana_env, "docker-compose.yml (grafana's environment)"),
+        "stack/generated/locust/profile.env": (locust_profile_env, "app/profile-<APP_PROFILE>.env (OTEL_*)"),
         "beyla/generated/beyla-config.yaml": (beyla_config, "beyla/beyla-config.yaml"),
         "images/kustomization.yaml": (images_component, ".env"),
     }
