@@ -203,11 +203,28 @@ def phase(timeline: list, start: float, end: float) -> dict:
     }
 
 
+# Latency: the app never waits on an export. Measured on the project's 2-core box, shared with other work
+# and with locust on the same cores, phases with no fault at all differ far more than any real regression
+# we look for: p95 from 8.5 to 1,150 ms, and medians by up to 6x (10.5 to 66 ms) between the phases of one
+# run, depending on what else took the cores. A limit relative to the baseline would fail on that noise,
+# so the limits are the waits an export on the request path would impose, from the OTLP exporter's own
+# code (opentelemetry/exporter/otlp/proto/grpc/exporter.py, SDK 1.45.1):
+# - a failing export waits at least its first retry backoff, 1 s x 0.8 (jitter), before it gives up or
+#   retries: an export in every request puts the median there;
+# - a hung collector makes a call wait its whole deadline, OTEL_EXPORTER_OTLP_TIMEOUT (10 s unset; app.env
+#   leaves it unset): one in 20 requests waiting on it puts p95 there.
+MEDIAN_CEILING_MS = 800.0
+P95_CEILING_MS = 10_000.0
+
+
 def assert_unaffected(before: dict, during: dict, after: dict | None = None) -> None:
+    """Every answer as expected in each phase, and no phase's latency at a wait for an exporter."""
     phases = [before, during] + ([after] if after else [])
     assert all(p["requests"] > 50 for p in phases), phases
     assert all(p["unexpected"] == 0 for p in phases), phases
-    # "Noticeably slower" on a noisy 2-core machine that also runs the load generator: more than twice
-    # the baseline plus 20 ms. A blocking export on the request path would add seconds, not milliseconds.
-    assert during["p95_ms"] <= 2 * before["p95_ms"] + 20, phases
-    assert during["p50_ms"] <= 2 * before["p50_ms"] + 20, phases
+    assert all(p["p50_ms"] < MEDIAN_CEILING_MS for p in phases), ("median at an exporter's retry wait", phases)
+    assert all(p["p95_ms"] < P95_CEILING_MS for p in phases), ("p95 at an exporter's deadline", phases)
+    # And no slower than the baseline by more than the noise of a shared box: the median (steadier than
+    # the tail) of each later phase within twice the baseline's plus 20 ms. A delay of a few hundred ms
+    # per request, under the ceilings above, still fails here.
+    assert all(p["p50_ms"] <= 2 * before["p50_ms"] + 20 for p in phases[1:]), ("median above the baseline", phases)
