@@ -37,12 +37,14 @@ k8s-tools: $(STAMP) ## build (once, cached in .cache/) kube-apiserver, kubectl, 
 k8s: $(STAMP) ## regenerate k8s/'s copies of the compose configs (a test fails when they drift)
 	$(PY) -m tooling.k8s_render
 
-test: $(STAMP) ## run every test tier (the docker tier skips itself, saying why, without Docker)
+test: $(STAMP) ## the unit and integration tiers (the docker tiers are make e2e and make e2e-k8s)
 	@# The Go builds at once: with warm Go caches they are mostly linking, one core each.
 	$(MAKE) --no-print-directory -j5 collector prometheus alertmanager sloth k8s-tools
 	@# Two workers, a test file each at a time: most integration time is waiting on export and scrape
-	@# intervals, so two files share the two cores without crowding each other.
-	$(PY) -m pytest -n 2 --dist loadfile
+	@# intervals, so two files share the two cores without crowding each other. The docker tiers need a
+	@# Docker engine and, for kind, release downloads: they are their own targets, never part of this one.
+	@echo "make test: unit and integration tiers; the docker tiers are 'make e2e' (compose) and 'make e2e-k8s' (kind)"
+	$(PY) -m pytest -n 2 --dist loadfile -m "not e2e"
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .

@@ -20,6 +20,7 @@ import yaml
 
 from tooling.envfile import interpolate, load_env_file
 from tooling.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
+from tooling.native import poll
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
@@ -215,6 +216,17 @@ def phase(timeline: list, start: float, end: float) -> dict:
 #   leaves it unset): one in 20 requests waiting on it puts p95 there.
 MEDIAN_CEILING_MS = 800.0
 P95_CEILING_MS = 10_000.0
+
+
+def traffic_started(stack, since: float = 0.0) -> float:
+    """When the app served the first request since `since` (the start of the first such SERVER span to
+    reach the trace sink). On a loaded box locust itself can take seconds to start; a fault timed from
+    launching it could then come before there is any baseline."""
+    def first():
+        return [s.span.start_time_unix_nano / 1e9 for s in stack.tempo_sink.server_spans()
+                if s.span.start_time_unix_nano / 1e9 >= since]
+
+    return min(poll(first, 60, "the load's first requests reaching the app", 0.2))
 
 
 def assert_unaffected(before: dict, during: dict, after: dict | None = None) -> None:

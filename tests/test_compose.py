@@ -361,3 +361,17 @@ def test_the_docker_tier_workflow_is_valid_and_cannot_skip_silently():
                    if step.get("uses", "").startswith("actions/setup-go@")}
     assert go_versions == {go_minimum}, (go_versions, go_minimum)
     assert targets["e2e"].endswith("tests/e2e/test_stack.py") and targets["e2e-k8s"].endswith("tests/e2e/test_kind.py")
+
+
+def test_make_test_runs_what_the_readme_promises_and_no_docker_tier():
+    # make test is the README's test command and CI's: unit and integration only. A Docker engine on the
+    # machine must not turn it into a compose stack and a kind cluster (release downloads) at once.
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.MULTILINE).group(1)
+    (pytest_line,) = [line for line in recipe.splitlines() if " -m pytest" in line]
+    assert '-m "not e2e"' in pytest_line, pytest_line
+    for target in ("e2e", "e2e-k8s"):
+        assert re.search(rf"^{target}:.*\n\t.* -m e2e ", makefile, re.MULTILINE), target
+    assert "make e2e" in recipe and "make e2e-k8s" in recipe, "make test must say where the docker tiers are"
+    ci = (REPO_ROOT / ".ci" / "run").read_text()
+    assert re.search(r"^make test$", ci, re.MULTILINE), ci

@@ -20,7 +20,7 @@ import pytest
 from opentelemetry.proto.collector.logs.v1 import logs_service_pb2
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord, ResourceLogs, ScopeLogs
-from stackfiles import assert_unaffected, phase
+from stackfiles import assert_unaffected, phase, traffic_started
 
 from tooling.envfile import APP_ENV, load_env_file
 from tooling.native import NativeStack, app_environment, locust_result, poll, run_locust
@@ -200,9 +200,10 @@ def test_loki_down_mid_load_loses_nothing_and_the_app_carries_on(stack, load):
 
     (rolled_before,) = poll(settled_count, 30, "the earlier records all arrived", interval=0)
     seconds, stop_at, restart_at = 40, 10, 25
-    started = time.time()
+    launched = time.time()
     locust = run_locust(stack.app_url, seconds, 10, stack.run_dir, name="loki-outage", background=True)
-    time.sleep(stop_at)
+    started = traffic_started(stack, since=launched)
+    time.sleep(max(0.0, started + stop_at - time.time()))
     stopped = time.time()
     stack.loki_sink.stop()  # the port refuses connections, as a Loki container that is gone
     received_at_stop = len(stack.loki_sink.requests)

@@ -25,7 +25,7 @@ from unittest import mock
 import psutil
 import pytest
 import yaml
-from stackfiles import assert_unaffected, phase
+from stackfiles import assert_unaffected, phase, traffic_started
 
 from tooling import native
 from tooling.native import (
@@ -74,16 +74,6 @@ def test_pyroscope_unreachable_leaves_the_app_unaffected(stack):
 
 
 # ----------------------------------------------------------------------------------------- helpers
-
-
-def traffic_started(stack: NativeStack) -> float:
-    """When the app served locust's first request (the start of the first SERVER span to reach Tempo).
-
-    On a loaded box locust itself can take seconds to start; a fault timed from launching it could then
-    come before there is any baseline.
-    """
-    spans = poll(lambda: stack.tempo_sink.server_spans(), 60, "locust's first requests reaching the app", 0.2)
-    return min(s.span.start_time_unix_nano for s in spans) / 1e9
 
 
 def gunicorn_processes(app: native.Managed, workers: int = 2) -> tuple[psutil.Process, set[int]]:
