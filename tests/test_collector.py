@@ -1,5 +1,6 @@
-"""The collector config, its builder manifest and the compose image version agree, and the real
-collector (built from the manifest by tooling.collector) accepts the config."""
+"""The collector configs (compose's, and the layers the k8s Deployment adds), the builder manifest and the
+image version agree, and the real collector (built from the manifest by tooling.collector) accepts the
+configs as compose and the k8s Deployment pass them."""
 
 from __future__ import annotations
 
@@ -13,57 +14,21 @@ import pytest
 import requests
 import yaml
 
-from tooling.collector import CONFIG, REPO_ROOT, collector_binary, load_manifest
+from tooling import k8s_render
+from tooling.collector import (
+    CONFIG,
+    KINDS,
+    MODULE_TYPES,
+    REPO_ROOT,
+    collector_binary,
+    config_components,
+    k8s_collector_configs,
+    load_manifest,
+    manifest_modules,
+)
 from tooling.envfile import load_env_file
 
 ENV_FILE = REPO_ROOT / ".env"
-KINDS = ("receivers", "processors", "exporters", "connectors", "extensions")
-
-# Component type each manifest module provides at v0.158 (types were renamed, e.g. otlp -> otlp_grpc,
-# so the type cannot be derived from the module path). The integration test checks this table
-# against the built binary's `components` output.
-MODULE_TYPES = {
-    "go.opentelemetry.io/collector/receiver/otlpreceiver": ("receivers", "otlp"),
-    "go.opentelemetry.io/collector/processor/memorylimiterprocessor": ("processors", "memory_limiter"),
-    "go.opentelemetry.io/collector/processor/batchprocessor": ("processors", "batch"),
-    "github.com/open-telemetry/opentelemetry-collector-contrib/processor/transformprocessor": (
-        "processors",
-        "transform",
-    ),
-    "go.opentelemetry.io/collector/exporter/otlpexporter": ("exporters", "otlp_grpc"),
-    "go.opentelemetry.io/collector/exporter/otlphttpexporter": ("exporters", "otlp_http"),
-    "github.com/open-telemetry/opentelemetry-collector-contrib/exporter/prometheusexporter": (
-        "exporters",
-        "prometheus",
-    ),
-    "github.com/open-telemetry/opentelemetry-collector-contrib/connector/spanmetricsconnector": (
-        "connectors",
-        "span_metrics",
-    ),
-    "github.com/open-telemetry/opentelemetry-collector-contrib/connector/servicegraphconnector": (
-        "connectors",
-        "service_graph",
-    ),
-    "github.com/open-telemetry/opentelemetry-collector-contrib/extension/healthcheckextension": (
-        "extensions",
-        "health_check",
-    ),
-}
-
-
-def manifest_modules(manifest: dict) -> list[tuple[str, str, str]]:
-    """(kind, module path, version) for every gomod entry of a builder manifest."""
-    entries = []
-    for kind in KINDS:
-        for item in manifest.get(kind) or []:
-            module, version = item["gomod"].split()
-            entries.append((kind, module, version))
-    return entries
-
-
-def config_components(config: dict) -> set[tuple[str, str]]:
-    """(kind, type) of every component the config defines; ids are `type` or `type/name`."""
-    return {(kind, cid.split("/", 1)[0]) for kind in KINDS for cid in (config.get(kind) or {})}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +39,23 @@ def config() -> dict:
 @pytest.fixture(scope="module")
 def manifest() -> dict:
     return load_manifest()
+
+
+@pytest.fixture(scope="module")
+def k8s_collectors() -> dict[str, list[tuple[str, str]]]:
+    """The config layers of every collector container that `kubectl apply -k k8s/` runs, in --config order."""
+    found = k8s_collector_configs(k8s_render.kustomize_build(k8s_render.K8S_DIR))
+    assert found, "no container of k8s/ runs the collector image"
+    return found
+
+
+@pytest.fixture(scope="module")
+def used_components(config, k8s_collectors) -> set[tuple[str, str]]:
+    """(kind, type) of every component that the compose config or any k8s config layer names."""
+    used = config_components(config)
+    for layers in k8s_collectors.values():
+        used |= config_components(*(yaml.safe_load(text) for _, text in layers))
+    return used
 
 
 @pytest.mark.unit
@@ -89,13 +71,17 @@ def test_every_module_is_at_the_manifest_version(manifest):
 
 
 @pytest.mark.unit
-def test_manifest_provides_exactly_the_components_the_config_uses(manifest, config):
+def test_manifest_provides_exactly_the_components_the_configs_use(manifest, used_components):
+    """Every component named in the compose config and the k8s layers is built, and nothing else (each module
+    adds build time)."""
     unknown = [module for _, module, _ in manifest_modules(manifest) if module not in MODULE_TYPES]
-    assert not unknown, f"add these modules to MODULE_TYPES (see the binary's `components`): {unknown}"
+    assert not unknown, f"add to tooling.collector.MODULE_TYPES (see the binary's `components`): {unknown}"
     for kind, module, _ in manifest_modules(manifest):
         assert MODULE_TYPES[module][0] == kind, f"{module} is listed under {kind}"
     provided = {MODULE_TYPES[module] for _, module, _ in manifest_modules(manifest)}
-    assert config_components(config) == provided
+    missing, unused = sorted(used_components - provided), sorted(provided - used_components)
+    assert not missing, f"used in a collector config but not built by otel-collector/builder-config.yaml: {missing}"
+    assert not unused, f"built by otel-collector/builder-config.yaml but used by no collector config: {unused}"
 
 
 @pytest.mark.unit
@@ -121,7 +107,7 @@ def run(binary: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.integration
-def test_binary_contains_exactly_the_manifest_components(otelcol, manifest, config):
+def test_binary_contains_exactly_the_manifest_components(otelcol, manifest, used_components):
     shown = yaml.safe_load(run(otelcol, "components").stdout)
     assert shown["buildinfo"]["version"] == manifest["dist"]["version"]
     in_binary = {(kind, c["name"]) for kind in KINDS for c in shown.get(kind) or []}
@@ -130,13 +116,68 @@ def test_binary_contains_exactly_the_manifest_components(otelcol, manifest, conf
     # The table used by the unit tests says what the binary says.
     by_module = {c["module"].split()[0]: (kind, c["name"]) for kind in KINDS for c in shown.get(kind) or []}
     assert by_module == MODULE_TYPES
-    assert in_binary == config_components(config)
+    assert in_binary == used_components
 
 
 @pytest.mark.integration
 def test_validate_accepts_the_config(otelcol):
     result = run(otelcol, "validate", "--config", str(CONFIG))
     assert result.returncode == 0, result.stderr
+
+
+def k8s_layers(tmp_path: Path, where: str, layers: list[tuple[str, str]]) -> list[str]:
+    """The layers written out under their ConfigMap keys, as `--config` arguments in the Deployment's order."""
+    folder = tmp_path / where.replace("/", "_")
+    folder.mkdir()
+    args = []
+    for key, text in layers:
+        (folder / key).write_text(text)
+        args += ["--config", str(folder / key)]
+    return args
+
+
+@pytest.mark.integration
+def test_validate_accepts_every_k8s_collector_config(otelcol, k8s_collectors, tmp_path):
+    """What the k8s Deployment runs: compose's config and the k8s_attributes layer, merged by the collector
+    itself. `validate` unmarshals every component's config, runs its own checks (k8s_attributes checks its
+    auth type, metadata fields and pod association) and builds the pipelines; it starts no component, so
+    k8s_attributes does not contact the Kubernetes API here (its client is made in Start)."""
+    for where, layers in k8s_collectors.items():
+        assert len(layers) >= 2, f"{where}: expected compose's config plus the k8s layer, got {[k for k, _ in layers]}"
+        result = run(otelcol, "validate", *k8s_layers(tmp_path, where, layers))
+        assert result.returncode == 0, f"{where}: {result.stderr}"
+
+
+K8S_BREAKAGES = {
+    # k8s_attributes' own validation: a metadata field it cannot extract
+    "unsupported-metadata": (
+        lambda c: c["processors"]["k8s_attributes"]["extract"]["metadata"].append("k8s.pod.nonsense"),
+        '"k8s.pod.nonsense" is not a supported metadata field',
+    ),
+    # the processor under a type name that no module provides
+    "renamed-processor": (lambda c: rename_processor(c, "k8s_attributes", "k8s_attributez"),
+                          'unknown type: "k8s_attributez"'),
+}
+
+
+def rename_processor(config: dict, old: str, new: str) -> None:
+    config["processors"][new] = config["processors"].pop(old)
+    for pipeline in config["service"]["pipelines"].values():
+        pipeline["processors"] = [new if name == old else name for name in pipeline["processors"]]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("breakage", K8S_BREAKAGES)
+def test_validate_rejects_a_broken_k8s_layer(otelcol, k8s_collectors, tmp_path, breakage):
+    """Negative control: the k8s layer is read and checked, and fails for the reason we broke it."""
+    mutate, message = K8S_BREAKAGES[breakage]
+    where, layers = next(iter(k8s_collectors.items()))
+    key, text = layers[-1]
+    broken = yaml.safe_load(text)
+    mutate(broken)
+    result = run(otelcol, "validate", *k8s_layers(tmp_path, where, [*layers[:-1], (key, yaml.safe_dump(broken))]))
+    assert result.returncode != 0, f"validate accepted a k8s layer with {breakage}"
+    assert message in result.stderr
 
 
 BREAKAGES = {
@@ -215,3 +256,36 @@ def test_build_names_go_when_it_is_missing(monkeypatch):
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(collector.CollectorBuildError, match="Go"):
         collector._go()
+
+
+@pytest.mark.unit
+def test_a_changed_manifest_builds_once_into_a_new_folder_and_keeps_the_old_binary(tmp_path, monkeypatch):
+    """Helpers and pytest workers run the cached binary while the manifest changes: the new manifest's build
+    goes to a folder of its own (keyed by the manifest's content), callers that want it at the same time wait
+    for one build, and the previous binary stays. The build itself is replaced by a stand-in here."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tooling import collector
+
+    monkeypatch.setattr(collector, "CACHE_DIR", tmp_path / "cache")
+    old_manifest, new_manifest = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    old_manifest.write_text(collector.MANIFEST.read_text())
+    new_manifest.write_text(collector.MANIFEST.read_text() + "# one more line\n")
+    built = []
+
+    def stand_in(manifest: Path) -> Path:
+        built.append(manifest)
+        time.sleep(0.5)  # the other callers arrive while this build runs
+        target = collector.binary_path(manifest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(manifest.name)
+        return target
+
+    monkeypatch.setattr(collector, "build", stand_in)
+    old = collector.collector_binary(old_manifest)
+    with ThreadPoolExecutor(4) as pool:
+        new = set(pool.map(lambda _: collector.collector_binary(new_manifest), range(4)))
+    assert new == {collector.binary_path(new_manifest)}
+    assert old.parent != collector.binary_path(new_manifest).parent
+    assert built == [old_manifest, new_manifest], "one build per manifest"
+    assert old.read_text() == "old.yaml", "the previous manifest's binary must stay where it is"

@@ -365,6 +365,70 @@ def grafana_datasources_are_healthy(backends: Backends) -> None:
         poll(health, 120, f"Grafana health check of datasource {uid}", interval=5)
 
 
+# The field that holds a target's query, per datasource plugin (each plugin's query model, as its backend
+# reads it from /api/ds/query): Prometheus and Loki `expr`; Tempo `query`, the TraceQL that queryType
+# traceql and traceqlSearch both run (the search builder writes its TraceQL there too); Pyroscope
+# `profileTypeId`, narrowed by `labelSelector` and answered as a profile and/or series per `queryType`.
+# A target whose plugin is not listed, or that lacks its field, stops the check rather than being skipped.
+QUERY_FIELDS = {
+    "prometheus": "expr",
+    "loki": "expr",
+    "tempo": "query",
+    "grafana-pyroscope-datasource": "profileTypeId",
+}
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    """One query of a provisioned dashboard, as Grafana's /api/ds/query is sent it."""
+
+    dashboard: str  # its uid
+    panel: str  # the panel's title
+    source: str | None  # the value of the dashboard's `source` variable it was expanded with, if any
+    query: dict  # the target with its datasource and every field of its own
+
+    @property
+    def title(self) -> str:
+        return self.panel + (f" [source={self.source}]" if self.source else "")
+
+    @property
+    def text(self) -> str:
+        """The query itself (PromQL, LogQL, TraceQL or a profile type), for messages."""
+        return self.query[QUERY_FIELDS[self.query["datasource"]["type"]]]
+
+
+def dashboard_queries(dashboard: dict) -> list[PanelQuery]:
+    """Every target of every panel of `dashboard`, each as a query for /api/ds/query.
+
+    A target is sent with all its own fields (whatever its plugin calls the query) and the datasource it
+    names, or else its panel's. /api/ds/query does not fill in dashboard variables: a target that uses
+    `source` is sent once per value, with the value written in, as Grafana sends it when the variable is
+    set to that value. Raises ValueError for a target that cannot be sent as it stands."""
+    uid = dashboard.get("uid")
+    queries = []
+    for panel in dashboard_panels(dashboard):
+        for target in panel.get("targets", []):
+            where = f"dashboard {uid!r}, panel {panel.get('title')!r}, target {target.get('refId')!r}"
+            datasource = target.get("datasource") or panel.get("datasource")
+            if not isinstance(datasource, dict) or not {"type", "uid"} <= datasource.keys():
+                raise ValueError(f"{where}: names no datasource type and uid (nor does its panel): {datasource!r}")
+            field = QUERY_FIELDS.get(datasource["type"])
+            if field is None:
+                raise ValueError(f"{where}: datasource type {datasource['type']!r} is not in QUERY_FIELDS, so "
+                                 f"this check does not know which field holds its query")
+            if not str(target.get(field) or "").strip():
+                raise ValueError(f"{where}: a {datasource['type']} target without its query field {field!r}; "
+                                 f"it has only {sorted(target)}")
+            if "refId" not in target:
+                raise ValueError(f"{where}: no refId, under which /api/ds/query answers")
+            # Every field may use the variable (a Pyroscope label selector as well as an expr): substitute it
+            # in the whole target, so no field is left holding an unexpanded `$source`.
+            for source, text in with_source(dashboard, json.dumps(target)):
+                query = {**json.loads(text), "datasource": datasource, "intervalMs": 15000, "maxDataPoints": 100}
+                queries.append(PanelQuery(uid, panel.get("title", ""), source, query))
+    return queries
+
+
 def every_dashboard_loads_and_its_queries_return_data(backends: Backends) -> None:
     dashboards = [json.loads(path.read_text()) for path in (REPO_ROOT / "grafana" / "dashboards").glob("*.json")]
     files = {dashboard["uid"]: dashboard for dashboard in dashboards}
@@ -375,20 +439,14 @@ def every_dashboard_loads_and_its_queries_return_data(backends: Backends) -> Non
         response = requests.get(f"{backends.grafana}/api/dashboards/uid/{uid}", auth=auth, timeout=30)
         assert response.status_code == 200, f"{uid}: {response.status_code} {response.text[:300]}"
         assert response.json()["dashboard"]["title"] == dashboard["title"]
-        for panel in dashboard_panels(dashboard):
-            for target in panel.get("targets", []):
-                if "expr" not in target:
-                    continue
-                # /api/ds/query does not fill in dashboard variables: each value of `source` is sent as
-                # a query of its own, as Grafana sends it when the variable is set to that value.
-                for source, expr in with_source(dashboard, target["expr"]):
-                    query = {**target, "expr": expr, "intervalMs": 15000, "maxDataPoints": 100}
-                    title = panel["title"] + (f" [source={source}]" if source else "")
-                    frames = _panel_frames(backends, query, title)
-                    if panel["title"] in MAY_BE_EMPTY.get(uid, ()):
-                        frames()  # answers without an error; data only while an alert is pending or firing
-                    else:
-                        poll(frames, 180, f"data for panel {title!r}: {expr}", interval=5)
+        # Every target, Tempo's TraceQL and Pyroscope's profile type included (tests/test_dashboard_targets.py
+        # checks that none is left out).
+        for panel_query in dashboard_queries(dashboard):
+            frames = _panel_frames(backends, panel_query.query, panel_query.title)
+            if panel_query.panel in MAY_BE_EMPTY.get(uid, ()):
+                frames()  # answers without an error; data only while an alert is pending or firing
+            else:
+                poll(frames, 180, f"data for panel {panel_query.title!r} of {uid}: {panel_query.text}", interval=5)
 
 
 def _panel_frames(backends: Backends, query: dict, title: str) -> Callable[[], list]:
