@@ -14,13 +14,17 @@ copy whose windows are divided by a factor:
   collide with the committed ones.
 
 Every drill alert carries the label `drill="x<factor>"`, so a notification says which copy fired.
-Nothing here is used by the stack itself: drills exist only in tests.
+Nothing here is used by the stack itself: drills exist only in tests, and so do the helpers at the end
+(a native stack with drills, what reached the webhook receiver, the steady background load).
 """
 
 from __future__ import annotations
 
 import re
 import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -121,3 +125,115 @@ def slo_drill(factor: int, spec: Path = SPEC) -> str:
         drill_spec.write_text(yaml.safe_dump(source, sort_keys=False))
         return generate(drill_spec, period=duration(SLO_PERIOD_SECONDS / factor), windows_dir=windows,
                         extra_labels={"drill": f"x{factor}"})
+
+
+# ----------------------------------------------------------------------------- what the tests share
+
+ROUTE_TIMINGS = {"group_wait": "5s", "group_interval": "10s", "repeat_interval": "1h"}
+
+
+def drill_stack(run_dir: Path, webhook: str, drift_factors: tuple[int, ...], slo_factor: int | None):
+    """A native stack whose Prometheus loads, beside the committed rules, a drift drill per factor and
+    the SLO drill, and whose Alertmanager notifies `webhook` with its group wait and interval cut to
+    5 s and 10 s (a test waiting for a resolved notification cannot wait the committed 5 minutes)."""
+    from tooling.native import NativeStack
+
+    files = []
+    for factor in drift_factors:
+        files.append(run_dir / f"drill-drift-alerts-x{factor}.yaml")
+        files[-1].write_text(drift_drill(factor))
+    if slo_factor is not None:
+        files.append(run_dir / f"drill-slo-x{slo_factor}.yaml")
+        files[-1].write_text(slo_drill(slo_factor))
+    return NativeStack(run_dir, alert_webhook=webhook, extra_rule_files=tuple(files), alert_route_timings=ROUTE_TIMINGS)
+
+
+@dataclass
+class Notified:
+    """What reached the webhook receiver (a tooling.sinks.WebhookSink), one entry per alert per
+    notification, from `since` (time.time()) on."""
+
+    sink: object
+    since: float = 0.0
+
+    def seen(self, status: str, since: float | None = None, until: float | None = None,
+             **labels: str) -> list[tuple[float, dict]]:
+        since = self.since if since is None else since
+        return [(n.received_at, a) for n in self.sink.notifications()
+                if since <= n.received_at and (until is None or n.received_at < until)
+                for a in n.alerts
+                if a["status"] == status and all(a["labels"].get(k, "") == v for k, v in labels.items())]
+
+    def wait(self, status: str, timeout: float, **labels: str) -> float:
+        """Seconds from `since` to the first notification of an alert with `labels` in `status`."""
+        from tooling.native import poll
+
+        found = poll(lambda: self.seen(status, **labels), timeout,
+                     f"a {status} notification for {labels} (received: {self.summary()})", interval=1)
+        return found[0][0] - self.since
+
+    def firing(self, since: float, until: float | None = None) -> set[tuple[str, str, str]]:
+        """(alertname, drill or "committed", detail: its source, route, exporter...) of every alert that
+        started firing at or after `since` (its startsAt) and was notified before `until`. Alertmanager
+        repeats the alerts still firing in a group with each new notification of that group, so the
+        notification time alone would count alerts of an earlier fault."""
+        return {(a["labels"]["alertname"], a["labels"].get("drill", "committed"), _detail(a["labels"]))
+                for _, a in self.seen("firing", since=since, until=until)
+                if datetime.fromisoformat(a["startsAt"]).timestamp() >= since}
+
+    def summary(self) -> list[str]:
+        return sorted({f"{a['status']} {a['labels'].get('alertname')}{{{a['labels'].get('drill', 'committed')},"
+                       f" {_detail(a['labels'])}}}" for n in self.sink.notifications() for a in n.alerts})
+
+
+def _detail(labels: dict) -> str:
+    return ",".join(labels[k] for k in ("telemetry_source", "route", "exporter", "receiver", "signal", "name",
+                                        "sloth_severity") if k in labels)
+
+
+def alerts_seen(prometheus_url: str, start: float, end: float | None = None, selector: str = "") -> dict[str, set]:
+    """Every alert pending or firing at an evaluation between `start` and `end` (now), from Prometheus's
+    ALERTS series: name -> {(state, drill, telemetry_source, route, seconds after start when first seen)}."""
+    from tooling.native import prometheus_query
+
+    end = end or time.time()
+    seen: dict[str, set] = {}
+    for series in prometheus_query(prometheus_url, f"ALERTS{selector}", path="query_range",
+                                   start=start, end=end, step=5)["result"]:
+        labels = series["metric"]
+        seen.setdefault(labels["alertname"], set()).add(
+            (labels.get("alertstate"), labels.get("drill", "committed"), labels.get("telemetry_source"),
+             labels.get("route"), round(float(series["values"][0][0]) - start)))
+    return seen
+
+
+@dataclass
+class SteadyLoad:
+    """Compose's background load (locust's steady scenario, with its own OTLP metrics: loadgen) on a
+    stack until `stop()`, which returns locust's ground truth."""
+
+    stack: object
+    users: int = 5  # compose's (locust/locust.env)
+    name: str = "background"
+    started: float = 0.0
+    stopped: float = 0.0
+    truth: dict | None = None
+
+    def __post_init__(self):
+        from tooling.native import run_locust
+
+        self.process = run_locust(self.stack.app_url, 1800, self.users, self.stack.run_dir, name=self.name,
+                                  background=True, scenario="steady",
+                                  otlp_endpoint=f"http://127.0.0.1:{self.stack.ports.otlp_grpc}")
+        self.started = time.time()
+
+    def stop(self) -> dict:
+        """Ends the load (SIGTERM: locust quits and writes its ground truth) and returns what it sent."""
+        from tooling.native import locust_result
+
+        if self.truth is None:
+            self.process.terminate()
+            self.process.wait(60)
+            self.truth = locust_result(self.stack.run_dir, self.name)
+            self.stopped = time.time()
+        return self.truth

@@ -381,16 +381,24 @@ class NativeStack:
     def query(self, expr: str) -> list:
         return prometheus_query(self.prometheus_url, expr)
 
-    def start_collector(self) -> Managed:
+    def start_collector(self, *extra_configs: dict) -> Managed:
+        """The collector with the committed config and the address overlay; each of `extra_configs` is
+        layered on top as one more --config (maps merge key by key, lists are replaced), for a test that
+        runs it misconfigured."""
         import yaml
 
         from tooling.collector import collector_binary
 
         overlay = self.run_dir / "otel-collector-overlay.yaml"
         overlay.write_text(yaml.safe_dump(collector_overlay(self.ports), sort_keys=False))
+        layers = []
+        for number, extra in enumerate(extra_configs, 1):
+            layers.append(self.run_dir / f"otel-collector-extra-{number}.yaml")
+            layers[-1].write_text(yaml.safe_dump(extra, sort_keys=False))
         self.collector = spawn(
             "otel-collector",
-            [str(collector_binary()), f"--config={COLLECTOR_CONFIG}", f"--config={overlay}"],
+            [str(collector_binary()), f"--config={COLLECTOR_CONFIG}", f"--config={overlay}",
+             *(f"--config={layer}" for layer in layers)],
             dict(os.environ), self.run_dir, self.run_dir)
         self._wait("otel-collector", self.collector, f"http://127.0.0.1:{self.ports.collector_health}/")
         return self.collector

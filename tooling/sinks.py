@@ -74,6 +74,10 @@ class CapturedSpan:
         return self.span.status.code == Status.STATUS_CODE_ERROR and [e.name for e in self.span.events] == ["exception"]
 
 
+def _span_count(request: trace_service_pb2.ExportTraceServiceRequest) -> int:
+    return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+
+
 @dataclass
 class HistogramPoint:
     resource: dict
@@ -94,11 +98,19 @@ class OtlpSink:
         self.trace_requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
         self.metric_requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
         self.log_requests: list[logs_service_pb2.ExportLogsServiceRequest] = []
+        # A fault mode for traces, see refuse_traces(): the gRPC status every Export is answered with.
+        self._trace_refusal: tuple[grpc.StatusCode, str] | None = None
+        self.refused_spans = 0
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         sink = self
 
         class Traces(trace_service_pb2_grpc.TraceServiceServicer):
             def Export(self, request, context):  # noqa: N802 - gRPC method name
+                refusal = sink._trace_refusal
+                if refusal is not None:
+                    with sink._lock:
+                        sink.refused_spans += _span_count(request)
+                    context.abort(*refusal)  # raises: the caller gets the status, nothing is kept
                 sink._keep(sink.trace_requests, request)
                 return trace_service_pb2.ExportTraceServiceResponse()
 
@@ -123,7 +135,18 @@ class OtlpSink:
             if self.keep:
                 bucket.append(request)
             if isinstance(request, trace_service_pb2.ExportTraceServiceRequest):
-                self.span_count += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+                self.span_count += _span_count(request)
+
+    def refuse_traces(self, code: grpc.StatusCode = grpc.StatusCode.RESOURCE_EXHAUSTED,
+                      message: str = "RATE_LIMITED: ingestion rate limit (15000000 bytes) exceeded") -> None:
+        """From now on answer every trace Export with `code` and keep nothing, counting the spans refused
+        (`refused_spans`). The default is what Tempo's distributor answers a tenant over its ingestion
+        rate limit: RESOURCE_EXHAUSTED without RetryInfo, which an OTLP exporter must not retry."""
+        self._trace_refusal = (code, message)
+
+    def accept_traces(self) -> None:
+        """Back to keeping every trace Export (the end of refuse_traces())."""
+        self._trace_refusal = None
 
     def start(self) -> OtlpSink:
         self._server.start()
