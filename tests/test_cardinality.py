@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import psutil
 import pytest
 
-import tooling.native
 from tooling.cgroup import MemoryCgroup, compose_mem_limit, parent_cgroup
 from tooling.native import NativeStack, poll, prometheus_query
 
@@ -194,14 +193,10 @@ def stack(tmp_path_factory, app_cgroup):
     group, _ = app_cgroup
     native = NativeStack(tmp_path_factory.mktemp("native-scan")).up(with_app=False)
     try:
-        with pytest.MonkeyPatch.context() as patch:
-            if group is not None:
-                # The gunicorn master enters the cgroup before it forks its workers (tooling/native.py has
-                # no hook for a wrapper, so the app's spawn is wrapped here).
-                spawn = tooling.native.spawn
-                patch.setattr(tooling.native, "spawn",
-                              lambda name, args, *rest: spawn(name, group.wrap(args) if name == "app" else args, *rest))
-            native.start_app()
+        if group is not None:
+            # The gunicorn master enters the cgroup before it forks its workers.
+            native.app_settings.command_prefix = tuple(group.wrap([]))
+        native.start_app()
         yield native
     finally:
         native.down()

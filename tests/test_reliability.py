@@ -563,6 +563,15 @@ def test_flood_the_pipeline_answers_right_stays_in_budget_and_counts_recover(com
     assert peak < budget["limit"], f"collector RSS {peak} over its limit {budget['limit']}"
     assert recovered, f"counts did not recover: sent {dict(sent)}, collector counters {counters}"
     assert result.answered <= server_spans <= result.answered + unanswered, (server_spans, result.answered)
-    # The collector refused, failed and dropped nothing: each such counter it exposes is 0.
+    # The collector refused, failed and dropped nothing: each such counter it exposes is 0. One exception,
+    # by design: the service-graph connector holds edges waiting for their other half in a store of
+    # max_items for ttl, so it pairs at most max_items / ttl requests a second (the flood's have no client
+    # span: each waits the whole ttl). Faster, it drops spans from the graph only (traces, span metrics and
+    # the RED counts are checked above); seen: 11,744 of 34,102 at 1,136 req/s, 0 below 450 req/s.
     assert accepted, "no otelcol_receiver_accepted_spans from the collector's own metrics"
+    graph_dropped = counters.pop("otelcol_connector_servicegraph_dropped_spans", 0)
     assert counters and not any(counters.values()), counters
+    store = yaml.safe_load(COLLECTOR_CONFIG.read_text())["connectors"]["service_graph"]["store"]
+    pairable = store["max_items"] / (float(store["ttl"].removesuffix("s")))
+    if max(result.per_second) < pairable:
+        assert graph_dropped == 0, (graph_dropped, max(result.per_second), pairable)

@@ -147,6 +147,9 @@ class AppSettings:
     # False runs the owners' command alone (`gunicorn -c gunicorn.conf.py`): the app with its own
     # metrics only, the baseline of the cost benchmark.
     instrumented: bool = True
+    # Put before the command, e.g. tooling.cgroup's wrapper that enters a cgroup and execs the rest (so the
+    # pid stays gunicorn's master, and its workers are forked inside).
+    command_prefix: tuple[str, ...] = ()
 
     @property
     def url(self) -> str:
@@ -181,7 +184,8 @@ def start_app(settings: AppSettings, log_dir: Path, timeout: float = 30.0,
     multiproc_dir = multiproc_dir or Path(tempfile.mkdtemp(prefix="dice-multiproc-", dir=log_dir))
     env = app_environment(settings, multiproc_dir)
     launcher = [str(VENV_BIN / "opentelemetry-instrument")] if settings.instrumented else []
-    managed = spawn("app", [*launcher, str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py"], env, APP_DIR, log_dir)
+    managed = spawn("app", [*settings.command_prefix, *launcher, str(VENV_BIN / "gunicorn"), "-c", "gunicorn.conf.py"],
+                    env, APP_DIR, log_dir)
     try:
         # A TCP probe, not GET /health: tests count every request the app serves.
         wait_tcp("127.0.0.1", settings.port, timeout, managed.process)
