@@ -40,7 +40,6 @@ from stackfiles import phase
 
 from tooling.alert_drills import Notified, SteadyLoad, drill_stack
 from tooling.native import COLLECTOR_CONFIG, AppSettings, poll, run_locust, start_app
-from tooling.sinks import WebhookSink
 
 pytestmark = pytest.mark.integration
 
@@ -56,20 +55,9 @@ TIMES: dict[str, float] = {}  # fault-to-notification times, printed at the end
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("alert-faults")
-    sink = WebhookSink().start()
-    native = drill_stack(run_dir, sink.address, (DRIFT_FACTOR, CLIENTS_FACTOR), SLO_FACTOR)
-    native.webhook = sink
-    try:
-        native.up()
+    with drill_stack(tmp_path_factory.mktemp("alert-faults"), (DRIFT_FACTOR, CLIENTS_FACTOR), SLO_FACTOR,
+                     TIMES) as native:
         yield native
-    finally:
-        native.down()
-        sink.stop()
-        if TIMES:
-            print("\nfault -> notification (Alertmanager group_wait 5 s, group_interval 10 s):")
-            for what, seconds in TIMES.items():
-                print(f"  {what}: {seconds:.0f} s")
 
 
 @pytest.fixture(scope="module")

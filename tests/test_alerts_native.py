@@ -52,7 +52,6 @@ from tooling.alert_drills import (
     duration,
 )
 from tooling.native import app_environment, prometheus_query, run_locust
-from tooling.sinks import WebhookSink
 
 pytestmark = pytest.mark.integration
 
@@ -118,20 +117,9 @@ class CpuThrottle:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    sink = WebhookSink().start()
-    native = drill_stack(tmp_path_factory.mktemp("alerts-native"), sink.address, (DRIFT_FACTOR, QUIET_FACTOR),
-                         SLO_FACTOR)
-    native.webhook = sink
-    try:
-        native.up()
+    with drill_stack(tmp_path_factory.mktemp("alerts-native"), (DRIFT_FACTOR, QUIET_FACTOR), SLO_FACTOR,
+                     TIMES) as native:
         yield native
-    finally:
-        native.down()
-        sink.stop()
-        if TIMES:
-            print("\nfault -> notification (drill windows; Alertmanager group_wait 5 s, group_interval 10 s):")
-            for what, seconds in TIMES.items():
-                print(f"  {what}: {seconds:.0f} s")
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """The lean profile (APP_PROFILE=lean, app/profile-lean.env) on the native stack, with locust as compose runs it.
 
 Compose gives the profile file to the app and to locust (`--otel`), whose client span is the root of every
-trace: locust samples one trace in ten and the app, parentbased, follows. Here the app runs with the profile
-(tooling.native reads APP_PROFILE) and locust with exactly the environment Compose's own loader resolves for
-the locust service with APP_PROFILE=lean, so a compose file that stops giving locust the profile turns this red.
+trace: locust samples one trace in ten and the app, parentbased, follows. tooling.native does the same with
+APP_PROFILE=lean, and the first test holds it to the environments Compose's own loader resolves for both
+services, so a compose file that stops giving locust the profile turns this red.
 
 What must hold: the otel RED counts stay exact; the SERVER spans Tempo gets are a binomial sample of the
 requests at the profile's ratio; locust's CLIENT spans are the same traces (whole traces, no orphans); span
@@ -41,14 +41,6 @@ EXPORT_SETTLE = 8.0
 SIGMAS = 5
 
 
-def poll_showing(check, timeout: float, what: str, seen: dict) -> None:
-    """poll(), but a timeout also says what `check` last saw (it keeps that in `seen`)."""
-    try:
-        poll(check, timeout, what)
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\nlast seen: {seen}") from None
-
-
 def sampler_settings(env: dict[str, str]) -> dict[str, str | None]:
     return {key: env.get(key) for key in ("OTEL_TRACES_SAMPLER", "OTEL_TRACES_SAMPLER_ARG")}
 
@@ -79,13 +71,8 @@ def ratio() -> float:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, compose_services):
     run_dir = tmp_path_factory.mktemp("lean")
-    # run_locust gives locust the file tooling.native.LOCUST_ENV names (overriding only the collector's
-    # address): here, everything Compose puts into the locust container, the profile's sampler included.
-    locust_env = run_dir / "locust-as-compose-runs-it.env"
-    locust_env.write_text("".join(f"{key}={value}\n" for key, value in compose_services["locust"].items()))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("APP_PROFILE", PROFILE)  # tooling.native.app_environment loads app/profile-lean.env
-        patch.setattr(native, "LOCUST_ENV", locust_env)
+        patch.setenv("APP_PROFILE", PROFILE)  # tooling.native gives app/profile-lean.env to the app and locust
         stack = NativeStack(run_dir).up()
         try:
             truth = run_locust(stack.app_url, LOAD_SECONDS, LOAD_USERS, stack.run_dir,
@@ -100,12 +87,14 @@ def run(tmp_path_factory, compose_services):
 
 def test_compose_gives_locust_the_apps_sampler(compose_services, ratio, monkeypatch, tmp_path):
     # What the load test below relies on, checked before any load runs: Compose gives locust the app's
-    # sampler, and the native app (tooling.native) gets the one Compose gives the app.
+    # sampler, and the native app and locust (tooling.native) get the ones Compose gives them.
     app, locust = (sampler_settings(compose_services[name]) for name in ("app", "locust"))
     monkeypatch.setenv("APP_PROFILE", PROFILE)
     app_native = sampler_settings(native.app_environment(native.AppSettings(port=1), tmp_path))
-    print(f"\ncompose app {app}\ncompose locust {locust}\nnative app {app_native}")
-    assert app == locust == app_native, "locust, the root of every trace, must sample as the app's profile says"
+    locust_native = sampler_settings(native.locust_environment())
+    print(f"\ncompose app {app}\ncompose locust {locust}\nnative app {app_native}\nnative locust {locust_native}")
+    assert app == locust == app_native == locust_native, \
+        "locust, the root of every trace, must sample as the app's profile says"
 
 
 def test_otel_red_counts_stay_exact(run):
@@ -135,18 +124,18 @@ def kept(run):
     # Both sides are complete once locust has exited (it flushes its spans then) and EXPORT_SETTLE has
     # passed: until then the two sets can be equal by chance while spans are still on their way. A sampler
     # that keeps server spans without their client span (or the reverse) never gets here.
-    seen = {}
-
+    # Each check below asserts rather than returns False: poll() reports the last error it saw.
     def both_sides():
         settled = time.monotonic() - run["load_ended"] >= EXPORT_SETTLE
         server = {s.trace_id for s in stack.tempo_sink.server_spans()}
         client = {s.trace_id for s in client_spans() if answered(s)}
-        seen.update({"traces with a SERVER span": len(server), "with an answered CLIENT span": len(client),
-                     "with the SERVER span only": len(server - client),
-                     "with the CLIENT span only": len(client - server), "requests": sum(run["sent"].values())})
-        return settled and server and server == client
+        assert settled and server and server == client, {
+            "traces with a SERVER span": len(server), "with an answered CLIENT span": len(client),
+            "with the SERVER span only": len(server - client), "with the CLIENT span only": len(client - server),
+            "requests": sum(run["sent"].values())}
+        return True
 
-    poll_showing(both_sides, 30, "every kept trace with both locust's CLIENT span and the app's SERVER span", seen)
+    poll(both_sides, 30, "every kept trace with both locust's CLIENT span and the app's SERVER span")
     clients = client_spans()
     abandoned = [s for s in clients if not answered(s)]
     # At most one request in flight per user when the run stopped.
@@ -179,13 +168,12 @@ def test_span_metrics_count_exactly_the_kept_spans(run, kept):
     expected = {"dice-api": len(kept["server"]), "locust": len(kept["all client"])}
     expr = ('sum by (service_name) (traces_spanmetrics_calls_total{service_name=~"dice-api|locust", '
             'span_kind=~"SPAN_KIND_SERVER|SPAN_KIND_CLIENT"})')
-    seen = {}
-
     def counted():
-        seen.update({k[0]: v for k, v in by_labels(stack.query(expr), "service_name").items()})
-        return seen == expected
+        seen = {k[0]: v for k, v in by_labels(stack.query(expr), "service_name").items()}
+        assert seen == expected, seen
+        return seen
 
-    poll_showing(counted, 30, f"span-metric calls equal to the spans the sink got, {expected}", seen)
+    seen = poll(counted, 30, f"span-metric calls equal to the spans the sink got, {expected}")
     print(f"\nspan-metric calls {seen}, spans in the sink {expected}")
 
 
@@ -193,15 +181,14 @@ def test_service_graph_pairs_every_kept_trace(run, kept):
     stack = run["stack"]
     kept_traces = len(kept["server"])
     expr = "sum by (client, server) (traces_service_graph_request_total)"
-    seen = {}
-
     def paired():
-        seen.update(edges=by_labels(stack.query(expr), "client", "server"))
-        return seen["edges"][("locust", "dice-api")] == kept_traces
+        edges = by_labels(stack.query(expr), "client", "server")
+        assert edges[("locust", "dice-api")] == kept_traces, dict(edges)
+        return edges
 
-    poll_showing(paired, 45, f"the edge locust -> dice-api with the {kept_traces} kept traces", seen)
-    print(f"\nservice graph edges {dict(seen['edges'])}")
+    edges = poll(paired, 45, f"the edge locust -> dice-api with the {kept_traces} kept traces")
+    print(f"\nservice graph edges {dict(edges)}")
     # Unsampled requests leave no span on either side, so nothing shows up unpaired but the kept requests
     # that locust abandoned at its stop (a CLIENT span without a server: "unknown").
-    others = {edge: n for edge, n in seen["edges"].items() if edge != ("locust", "dice-api")}
+    others = {edge: n for edge, n in edges.items() if edge != ("locust", "dice-api")}
     assert set(others) <= {("locust", "unknown")} and sum(others.values()) <= len(kept["abandoned"]), others

@@ -23,7 +23,9 @@ from __future__ import annotations
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -132,11 +134,16 @@ def slo_drill(factor: int, spec: Path = SPEC) -> str:
 ROUTE_TIMINGS = {"group_wait": "5s", "group_interval": "10s", "repeat_interval": "1h"}
 
 
-def drill_stack(run_dir: Path, webhook: str, drift_factors: tuple[int, ...], slo_factor: int | None):
-    """A native stack whose Prometheus loads, beside the committed rules, a drift drill per factor and
-    the SLO drill, and whose Alertmanager notifies `webhook` with its group wait and interval cut to
-    5 s and 10 s (a test waiting for a resolved notification cannot wait the committed 5 minutes)."""
+@contextmanager
+def drill_stack(run_dir: Path, drift_factors: tuple[int, ...], slo_factor: int | None,
+                times: dict[str, float] | None = None) -> Iterator:
+    """A native stack, up, whose Prometheus loads, beside the committed rules, a drift drill per factor
+    and the SLO drill, and whose Alertmanager notifies a webhook receiver (`stack.webhook`, a
+    tooling.sinks.WebhookSink) with its group wait and interval cut to 5 s and 10 s (a test waiting for a
+    resolved notification cannot wait the committed 5 minutes). At the end it prints `times`, the
+    fault-to-notification seconds the tests filled in."""
     from tooling.native import NativeStack
+    from tooling.sinks import WebhookSink
 
     files = []
     for factor in drift_factors:
@@ -145,7 +152,21 @@ def drill_stack(run_dir: Path, webhook: str, drift_factors: tuple[int, ...], slo
     if slo_factor is not None:
         files.append(run_dir / f"drill-slo-x{slo_factor}.yaml")
         files[-1].write_text(slo_drill(slo_factor))
-    return NativeStack(run_dir, alert_webhook=webhook, extra_rule_files=tuple(files), alert_route_timings=ROUTE_TIMINGS)
+    sink = WebhookSink().start()
+    stack = NativeStack(run_dir, alert_webhook=sink.address, extra_rule_files=tuple(files),
+                        alert_route_timings=ROUTE_TIMINGS)
+    stack.webhook = sink
+    try:
+        stack.up()
+        yield stack
+    finally:
+        stack.down()
+        sink.stop()
+        if times:
+            print(f"\nfault -> notification (Alertmanager group_wait {ROUTE_TIMINGS['group_wait']}, "
+                  f"group_interval {ROUTE_TIMINGS['group_interval']}):")
+            for what, seconds in times.items():
+                print(f"  {what}: {seconds:.0f} s")
 
 
 @dataclass
@@ -207,13 +228,21 @@ def alerts_seen(prometheus_url: str, start: float, end: float | None = None, sel
     return seen
 
 
+def compose_users(service: str) -> int:
+    """The --users of a compose service's locust command: the background load the stack ships with."""
+    from tooling.native import compose_command
+
+    (users,) = [int(arg.split("=", 1)[1]) for arg in compose_command(service) if arg.startswith("--users=")]
+    return users
+
+
 @dataclass
 class SteadyLoad:
     """Compose's background load (locust's steady scenario, with its own OTLP metrics: loadgen) on a
     stack until `stop()`, which returns locust's ground truth."""
 
     stack: object
-    users: int = 5  # compose's (locust/locust.env)
+    users: int = field(default_factory=lambda: compose_users("locust"))
     name: str = "background"
     started: float = 0.0
     stopped: float = 0.0

@@ -29,44 +29,31 @@ CONFIG = REPO_ROOT / "otel-collector" / "otel-collector-config.yaml"
 CACHE_DIR = REPO_ROOT / ".cache" / "otelcol"
 
 BUILDER_MODULE = "go.opentelemetry.io/collector/cmd/builder"
-# The image that runs the collector in compose and in k8s/; the manifest builds what its configs use.
-IMAGE = "otel/opentelemetry-collector-contrib"
 KINDS = ("receivers", "processors", "exporters", "connectors", "extensions")
 
 # Component type each manifest module provides at v0.158 (types were renamed, e.g. otlp -> otlp_grpc, so
 # the type cannot be derived from the module path). tests/test_collector.py checks this table against the
 # built binary's `components` output.
+CORE, CONTRIB = "go.opentelemetry.io/collector", "github.com/open-telemetry/opentelemetry-collector-contrib"
 MODULE_TYPES = {
-    "go.opentelemetry.io/collector/receiver/otlpreceiver": ("receivers", "otlp"),
-    "go.opentelemetry.io/collector/processor/memorylimiterprocessor": ("processors", "memory_limiter"),
-    "go.opentelemetry.io/collector/processor/batchprocessor": ("processors", "batch"),
-    "github.com/open-telemetry/opentelemetry-collector-contrib/processor/transformprocessor": (
-        "processors",
-        "transform",
-    ),
-    "github.com/open-telemetry/opentelemetry-collector-contrib/processor/k8sattributesprocessor": (
-        "processors",
-        "k8s_attributes",
-    ),
-    "go.opentelemetry.io/collector/exporter/otlpexporter": ("exporters", "otlp_grpc"),
-    "go.opentelemetry.io/collector/exporter/otlphttpexporter": ("exporters", "otlp_http"),
-    "github.com/open-telemetry/opentelemetry-collector-contrib/exporter/prometheusexporter": (
-        "exporters",
-        "prometheus",
-    ),
-    "github.com/open-telemetry/opentelemetry-collector-contrib/connector/spanmetricsconnector": (
-        "connectors",
-        "span_metrics",
-    ),
-    "github.com/open-telemetry/opentelemetry-collector-contrib/connector/servicegraphconnector": (
-        "connectors",
-        "service_graph",
-    ),
-    "github.com/open-telemetry/opentelemetry-collector-contrib/extension/healthcheckextension": (
-        "extensions",
-        "health_check",
-    ),
+    f"{CORE}/receiver/otlpreceiver": ("receivers", "otlp"),
+    f"{CORE}/processor/memorylimiterprocessor": ("processors", "memory_limiter"),
+    f"{CORE}/processor/batchprocessor": ("processors", "batch"),
+    f"{CONTRIB}/processor/transformprocessor": ("processors", "transform"),
+    f"{CONTRIB}/processor/k8sattributesprocessor": ("processors", "k8s_attributes"),
+    f"{CORE}/exporter/otlpexporter": ("exporters", "otlp_grpc"),
+    f"{CORE}/exporter/otlphttpexporter": ("exporters", "otlp_http"),
+    f"{CONTRIB}/exporter/prometheusexporter": ("exporters", "prometheus"),
+    f"{CONTRIB}/connector/spanmetricsconnector": ("connectors", "span_metrics"),
+    f"{CONTRIB}/connector/servicegraphconnector": ("connectors", "service_graph"),
+    f"{CONTRIB}/extension/healthcheckextension": ("extensions", "health_check"),
 }
+
+
+def image_name(compose_file: Path = REPO_ROOT / "docker-compose.yml") -> str:
+    """The image (without its tag) that runs the collector in compose, and so in k8s/: the manifest builds
+    what its configs use."""
+    return yaml.safe_load(compose_file.read_text())["services"]["otel-collector"]["image"].split(":", 1)[0]
 
 
 class CollectorBuildError(RuntimeError):
@@ -111,14 +98,14 @@ def k8s_collector_configs(objects: list[dict]) -> dict[str, list[tuple[str, str]
     text)]}, the text read from the ConfigMap mounted where the argument points."""
     configmaps = {(o["metadata"].get("namespace"), o["metadata"]["name"]): o.get("data", {})
                   for o in objects if o["kind"] == "ConfigMap"}
-    found = {}
+    image, found = image_name(), {}
     for workload in objects:
         if workload["kind"] not in {"Deployment", "StatefulSet", "DaemonSet"}:
             continue
         pod = workload["spec"]["template"]["spec"]
         volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
         for container in pod["containers"]:
-            if container["image"].split("@")[0].rsplit(":", 1)[0] != IMAGE:
+            if container["image"].split("@")[0].rsplit(":", 1)[0] != image:
                 continue
             where = f"{workload['kind']}/{workload['metadata']['name']}/{container['name']}"
             args = list(container.get("command", [])[1:]) + list(container.get("args", []))

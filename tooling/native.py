@@ -156,12 +156,17 @@ class AppSettings:
         return f"http://127.0.0.1:{self.port}"
 
 
+def profile_file() -> Path:
+    """The cost profile compose loads into the app after app.env, and into locust after locust.env
+    (APP_PROFILE in .env, or this process's environment)."""
+    profile = os.environ.get("APP_PROFILE") or load_env_file(DOTENV)["APP_PROFILE"]
+    return APP_DIR / f"profile-{profile}.env"
+
+
 def app_environment(settings: AppSettings, multiproc_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "PYROSCOPE_", "GUNICORN_"))}
     env.update(load_env_file(APP_ENV))
-    # The cost profile compose loads after app.env (APP_PROFILE in .env, or this process's environment).
-    profile = os.environ.get("APP_PROFILE") or load_env_file(DOTENV)["APP_PROFILE"]
-    env.update(load_env_file(APP_DIR / f"profile-{profile}.env"))
+    env.update(load_env_file(profile_file()))
     env.update(
         BIND_HOST="127.0.0.1",
         PORT=str(settings.port),
@@ -523,19 +528,25 @@ LOCUST_ENV = REPO_ROOT / "locust" / "locust.env"
 GROUND_TRUTH_PLUGIN = Path(__file__).with_name("locust_ground_truth.py")
 
 
+def locust_environment() -> dict[str, str]:
+    """What compose's locust service gets: locust/locust.env, then the app's cost profile."""
+    return {**load_env_file(LOCUST_ENV), **load_env_file(profile_file())}
+
+
 def run_locust(host: str, seconds: int | None, users: int, run_dir: Path, name: str = "locust",
                background: bool = False, scenario: str = "steady",
                otlp_endpoint: str | None = None) -> subprocess.Popen | dict:
     """A scenario of locustfile.py headless against `host`, with the ground-truth plugin; returns what
     it sent. seconds=None lets the scenario end itself (locustfile.py's table says when).
 
-    With otlp_endpoint, locust runs with `--otel` and locust/locust.env, as compose runs it, exporting
-    there. With background=True the process is returned; call `locust_result(run_dir, name)` after it ends.
+    With otlp_endpoint, locust runs with `--otel`, locust/locust.env and the app's cost profile (its
+    sampler: locust roots the traces), as compose runs it, exporting there. With background=True the
+    process is returned; call `locust_result(run_dir, name)` after it ends.
     """
     run_dir = run_dir.resolve()  # locust runs with it as cwd
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     if otlp_endpoint:
-        env.update(load_env_file(LOCUST_ENV), OTEL_EXPORTER_OTLP_ENDPOINT=otlp_endpoint)
+        env.update(locust_environment(), OTEL_EXPORTER_OTLP_ENDPOINT=otlp_endpoint)
     env.update(LOCUST_GROUND_TRUTH_FILE=str(run_dir / f"{name}.json"), DICE_SCENARIO=scenario)
     args = [str(VENV_BIN / "locust"), "-f", f"{LOCUSTFILE},{GROUND_TRUTH_PLUGIN}", "--headless",
             "-u", str(users), "-r", str(users), "--host", host, "--only-summary",
