@@ -385,9 +385,15 @@ def test_injected_exemplars_link_to_exported_traces(injected, load):
 @pytest.mark.integration
 def test_injected_span_profiles(injected, load):
     stack = injected["stack"]
-    uploads = stack.pyroscope_sink.snapshot()
-    assert uploads and {u.labels["service_name"] for u in uploads} == {"dice-api"}
-    assert VIEW_FUNCTION in set().union(*[u.function_names() for u in uploads])
+    # The workers upload every PYROSCOPE_UPLOAD_INTERVAL (10 s): the samples of the load's last seconds
+    # may still be on their way (seen once: no upload with the view function yet when this test began).
+    def with_view_function():
+        uploads = stack.pyroscope_sink.snapshot()
+        assert VIEW_FUNCTION in set().union(*[u.function_names() for u in uploads]), f"{len(uploads)} uploads"
+        return uploads
+
+    uploads = poll(with_view_function, 25, f"a CPU profile with {VIEW_FUNCTION}")
+    assert {u.labels["service_name"] for u in uploads} == {"dice-api"}
     labelled = set().union(*[u.sample_labels("span_id") for u in uploads])
     roots = {s.attributes.get("pyroscope.profile.id") for s in stack.tempo_sink.server_spans()}
     pids = set().union(*[u.sample_labels("pid") for u in uploads]) or {u.labels.get("pid") for u in uploads}
