@@ -3,7 +3,7 @@
 | scenario | users | what it does | headless, it ends |
 |---|---|---|---|
 | steady | `-u` (compose: 5) | ~1 req/s per user: 10 rolls : 2 health : 1 failure | after `-t` or DICE_SECONDS (60) |
-| spike  | a shape | 5 users, ramp to 40 with no wait (20x the 2 workers), back to 5 | after DICE_SECONDS (90) |
+| spike  | a shape | 5 users, ramp to DICE_SPIKE_USERS (40) with no wait, back to 5 | after DICE_SECONDS (90) |
 | errors | `-u` | the steady pace, but half of all requests go to /fail | after `-t` or DICE_SECONDS (60) |
 | scan   | `-u` | random unknown paths, as a scanner sends them, all named "/**" | after DICE_SCAN_REQUESTS (2000) |
 
@@ -29,6 +29,8 @@ SCENARIO = os.environ.get("DICE_SCENARIO", "steady")
 if SCENARIO not in SCENARIOS:
     raise SystemExit(f"DICE_SCENARIO={SCENARIO!r} is not a scenario; choose one of {', '.join(SCENARIOS)}")
 SECONDS = int(os.environ.get("DICE_SECONDS") or (90 if SCENARIO == "spike" else 60))
+# The spike's peak of users; half of it on the way up and down.
+SPIKE_USERS = int(os.environ.get("DICE_SPIKE_USERS", "40"))
 SCAN_REQUESTS = int(os.environ.get("DICE_SCAN_REQUESTS", "2000"))
 
 
@@ -78,7 +80,7 @@ elif SCENARIO == "spike":
         """Baseline, ramp past saturation (gunicorn has 2 sync workers: 2 requests at a time), hold,
         back to baseline. Fractions of DICE_SECONDS, so a short run keeps the same shape."""
 
-        stages = ((0.2, 5), (0.4, 20), (0.7, 40), (0.85, 20), (1.0, 5))
+        stages = ((0.2, 5), (0.4, SPIKE_USERS // 2), (0.7, SPIKE_USERS), (0.85, SPIKE_USERS // 2), (1.0, 5))
 
         def tick(self):
             elapsed = self.get_run_time() / SECONDS

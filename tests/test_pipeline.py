@@ -61,7 +61,7 @@ def load(stack):
 
     # With --otel, as compose runs it: locust's own metrics are the loadgen source, and its client spans
     # carry the trace context into the app.
-    truth = run_locust(stack.app_url, LOAD_SECONDS, LOAD_USERS, stack.run_dir,
+    truth = run_locust(stack.edge_url, LOAD_SECONDS, LOAD_USERS, stack.run_dir,
                        otlp_endpoint=f"http://127.0.0.1:{stack.ports.otlp_grpc}")
     expected = sent_by_route_status(truth)
     assert sum(expected.values()) == truth["locust_totals"]["num_requests"] > 100
@@ -317,7 +317,7 @@ def test_queries_were_found():
     assert len(queries) >= 3
     # The golden-signals queries run once per source, and the ebpf ones are known to need Beyla.
     per_source = {re.search(r"\[source=(\w+)\]$", where).group(1) for where, _ in queries if where.endswith("]")}
-    assert per_source == {"otel", "manual", "ebpf"}
+    assert per_source == {"otel", "edge", "manual", "ebpf"}
     assert all(not GRAFANA_VARIABLE.search(expr) for _, expr in queries)
 
 

@@ -1,10 +1,11 @@
-"""The three-way comparison: what locust sent, against what each telemetry source counted and measured.
+"""The comparison: what locust sent, against what each telemetry source counted and measured.
 
     python -m tooling.compare --scenario steady --duration 60          # starts and stops the native stack
-    python -m tooling.compare --prometheus http://127.0.0.1:9090 --app http://127.0.0.1:5000   # compose
+    python -m tooling.compare --prometheus http://127.0.0.1:9090 --app http://127.0.0.1:8080   # compose, via its edge
 
 For every route and status it reports locust's count beside each source that has data (otel: the SDK's
-HTTP metrics; otel span metrics; manual: the app's own prometheus-flask-exporter; ebpf: Beyla), the
+HTTP metrics; otel span metrics; manual: the app's own prometheus-flask-exporter; ebpf: Beyla; edge: the
+proxy in front of the app, what users got), the
 difference in requests and in %, and p50/p95/p99 from each source's histogram with the bucket that holds
 the quantile, beside the percentiles locust measured itself. Counts are differences of the cumulative
 counters between a snapshot before the load and one after every source has caught up, so a running
@@ -35,7 +36,10 @@ WHERE_MEASURED = {
     "ebpf": "Beyla, the kernel socket: from the request's first bytes read to the answer written",
     "otel": "the OpenTelemetry SDK, the WSGI call inside the worker",
     "otel span metrics": "the SERVER span's duration, which is the same WSGI call, in the collector's buckets",
-    "manual": "prometheus-flask-exporter, Flask's request handling inside the app",
+    "manual": "prometheus-flask-exporter, Flask's request handling inside the app; the owners' code, so their "
+              "buckets (first 0-5 ms), not the stack's finer ones (docs/latency-resolution.md)",
+    "edge": "Caddy in front of the app: from the request read to the answer written, the wait for a worker "
+            "included; its own 502/503/504 when the app cannot answer",
 }
 
 
@@ -47,7 +51,7 @@ class SourceQueries:
     counts: str
     buckets: str
     route_label: str
-    status_label: str | None
+    status_label: str
     extra_counts: str | None = None  # manual: unmatched traffic has no per-path series
 
     def route(self, metric: dict) -> str:
@@ -67,17 +71,24 @@ SOURCES = [
         "http_route", "http_response_status_code"),
     SourceQueries(
         "otel span metrics",
-        'sum by (span_name) (traces_spanmetrics_calls_total{telemetry_source="otel", service_name="dice-api", '
-        'span_kind="SPAN_KIND_SERVER"})',
+        'sum by (span_name, http_response_status_code) (traces_spanmetrics_calls_total{telemetry_source="otel", '
+        'service_name="dice-api", span_kind="SPAN_KIND_SERVER"})',
         'sum by (span_name, le) (traces_spanmetrics_latency_bucket{telemetry_source="otel", service_name="dice-api", '
         'span_kind="SPAN_KIND_SERVER"})',
-        "span_name", None),
+        "span_name", "http_response_status_code"),
     SourceQueries(
         "manual",
         'sum by (path, status) (flask_http_request_duration_seconds_count{telemetry_source="manual"})',
         'sum by (path, le) (flask_http_request_duration_seconds_bucket{telemetry_source="manual"})',
         "path", "status",
         extra_counts='sum by (status) (flask_http_request_total{telemetry_source="manual"})'),
+    SourceQueries(
+        "edge",
+        'sum by (span_name, http_response_status_code) (traces_spanmetrics_calls_total{telemetry_source="edge", '
+        'span_kind="SPAN_KIND_SERVER"})',
+        'sum by (span_name, le) (traces_spanmetrics_latency_bucket{telemetry_source="edge", '
+        'span_kind="SPAN_KIND_SERVER"})',
+        "span_name", "http_response_status_code"),
     SourceQueries(
         "ebpf",
         'sum by (http_route, http_response_status_code) '
@@ -99,7 +110,7 @@ def take_snapshot(prometheus: str) -> Snapshot:
     for source in SOURCES:
         counts: Counter = Counter()
         for row in prometheus_query(prometheus, source.counts):
-            status = row["metric"].get(source.status_label, "*") if source.status_label else "*"
+            status = row["metric"].get(source.status_label, "*")
             counts[(source.route(row["metric"]), status)] += float(row["value"][1])
         if source.extra_counts:
             # The app's requests that no route matched: its total per status minus its per-route series.
@@ -153,6 +164,15 @@ def histogram_quantile(q: float, cumulative: dict[float, float]) -> dict | None:
     return None
 
 
+def bucket_width(bucket: list) -> float | None:
+    """A quantile's bucket width as a share of its lower bound (0.25: upper = 1.25 x lower): how finely the
+    histogram resolves that percentile. None for an open bucket (from 0, or past the last bound)."""
+    lower, upper = bucket
+    if upper is None or lower <= 0:
+        return None
+    return upper / lower - 1
+
+
 def exact_quantile(q: float, values: list[float]) -> float | None:
     if not values:
         return None
@@ -167,18 +187,11 @@ def build_report(truth: dict, diff: Snapshot, scenario: str, target: str) -> dic
     for (route, status), n in sorted(sent.items()):
         row = {"route": route, "status": status, "loadgen": n, "sources": {}}
         for name in present:
-            source = next(s for s in SOURCES if s.name == name)
-            if source.status_label:
-                seen = diff.counts[name].get((route, status), 0)
-                expected = n
-            else:  # span metrics have no HTTP status: compare the route's total
-                seen = sum(v for (r, _s), v in diff.counts[name].items() if r == route)
-                expected = sum(v for (r, _s), v in sent.items() if r == route)
+            seen, expected = diff.counts[name].get((route, status), 0), n
             row["sources"][name] = {"count": seen, "diff": seen - expected,
                                     "diff_pct": round(100 * (seen - expected) / expected, 2) if expected else None}
         rows.append(row)
-    extra = {name: {f"{r} {s}": v for (r, s), v in diff.counts[name].items() if (r, s) not in sent
-                    and (name != "otel span metrics" or r not in {route for route, _ in sent})}
+    extra = {name: {f"{r} {s}": v for (r, s), v in diff.counts[name].items() if (r, s) not in sent}
              for name in present}
     by_route: dict[str, list[float]] = defaultdict(list)
     for _t, name, _status, ms in truth["timeline"]:
@@ -228,7 +241,8 @@ def format_table(report: dict) -> str:
         lines.append(f"{row['route']:10} {row['status']:6} {row['loadgen']:>8}" + "".join(cells))
     if report["not_sent_but_counted"]:
         lines.append(f"counted but not sent: {report['not_sent_but_counted']}")
-    lines += ["", "latency p50 / p95 / p99 in ms; [bucket] = the histogram bucket that holds the quantile"]
+    lines += ["", "latency p50 / p95 / p99 in ms; [bucket +w%] = the histogram bucket that holds the quantile, "
+              "and its width as a share of its lower bound (open: from 0 or to +Inf)"]
     for route, entry in report["latency_seconds"].items():
         lines.append(f"{route}")
         for source, qs in entry.items():
@@ -239,7 +253,9 @@ def format_table(report: dict) -> str:
                 elif isinstance(v, dict):
                     lo, hi = v["bucket"]
                     upper = "inf" if hi is None else f"{hi * 1000:g}"
-                    parts.append(f"{q} {v['value'] * 1000:7.1f} [{lo * 1000:g}-{upper}]")
+                    width = bucket_width(v["bucket"])
+                    resolution = "open" if width is None else f"+{width:.0%}"
+                    parts.append(f"{q} {v['value'] * 1000:7.1f} [{lo * 1000:g}-{upper} {resolution}]")
                 else:
                     parts.append(f"{q} {v * 1000:7.1f}")
             lines.append(f"  {source:18} " + "   ".join(parts))
@@ -256,7 +272,7 @@ def plot(report: dict, path: Path) -> None:
     sources = report["sources"]
     rows = report["rows"]
     colors = {"loadgen": "#333333", "otel": "#1f77b4", "otel span metrics": "#7fb3e0", "manual": "#2ca02c",
-              "ebpf": "#d62728"}
+              "ebpf": "#d62728", "edge": "#ff7f0e"}
     fig, (counts_ax, latency_ax) = plt.subplots(1, 2, figsize=(15, 6.5), gridspec_kw={"width_ratios": [1, 1.3]})
     labels = [f"{r['route']}\n{r['status']}" for r in rows]
     series = ["loadgen", *sources]
@@ -318,7 +334,7 @@ def settle(prometheus: str, before: Snapshot, sent_total: int, timeout: float) -
     last = None
     while True:
         diff = difference(take_snapshot(prometheus), before)
-        totals = tuple(sum(diff.counts[name].values()) for name in ("otel", "otel span metrics", "manual"))
+        totals = tuple(sum(diff.counts[name].values()) for name in ("otel", "otel span metrics", "manual", "edge"))
         if all(t >= sent_total for t in totals) or time.monotonic() > deadline:
             return diff
         if totals == last and all(t > 0 for t in totals) and time.monotonic() > deadline - timeout / 2:
@@ -335,7 +351,8 @@ def run(args) -> dict:
         prometheus, app, target = args.prometheus.rstrip("/"), args.app.rstrip("/"), f"{args.app} (running stack)"
     else:
         stack = NativeStack(out / "native-stack").up()
-        prometheus, app, target = stack.prometheus_url, stack.app_url, "the native stack (no Docker)"
+        # locust calls the app through the edge, as users do.
+        prometheus, app, target = stack.prometheus_url, stack.edge_url, "the native stack (no Docker)"
         time.sleep(6)  # a first scrape of every target
     try:
         before = take_snapshot(prometheus)
@@ -365,7 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds of load for steady and errors; spike lasts this long too (default 60)")
     parser.add_argument("--users", type=int, default=20, help="locust users for steady, errors and scan")
     parser.add_argument("--prometheus", help="Prometheus of a running stack, e.g. http://127.0.0.1:9090")
-    parser.add_argument("--app", help="the app of that stack, e.g. http://127.0.0.1:5000 (with --prometheus)")
+    parser.add_argument("--app", help="where that stack's users call the app: its edge, e.g. http://127.0.0.1:8080 "
+                        "(with --prometheus)")
     parser.add_argument("--out", default=str(REPO_ROOT / ".cache" / "compare"), help="where the outputs go")
     parser.add_argument("--settle", type=float, default=90, help="max seconds to wait for every source")
     args = parser.parse_args(argv)

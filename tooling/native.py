@@ -6,6 +6,7 @@ Alertmanager configs) is read as committed. The tests and `make native-up` share
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -224,6 +225,8 @@ class StackPorts:
     loki_sink: int
     pyroscope_sink: int
     beyla: int  # nothing listens: Beyla needs kprobes, so its scrape target stays down, as it would
+    edge: int  # Caddy in front of the app: what locust and users call
+    edge_metrics: int  # Caddy's own metrics and health
 
     @classmethod
     def free(cls) -> StackPorts:
@@ -233,7 +236,7 @@ class StackPorts:
     def fixed(cls) -> StackPorts:
         return cls(app=5000, otlp_grpc=4317, otlp_http=4318, collector_health=13133, collector_metrics=8889,
                    collector_telemetry=8888, prometheus=9090, alertmanager=9093, tempo_sink=14317,
-                   loki_sink=3100, pyroscope_sink=4040, beyla=9400)
+                   loki_sink=3100, pyroscope_sink=4040, beyla=9400, edge=8080, edge_metrics=9180)
 
     def target_map(self) -> dict[str, str]:
         """compose host:port -> local address, for every target a config names."""
@@ -241,6 +244,7 @@ class StackPorts:
         return {
             "app:5000": local(self.app),
             "beyla:9400": local(self.beyla),
+            "edge:9180": local(self.edge_metrics),
             "otel-collector:4317": local(self.otlp_grpc),
             "otel-collector:8889": local(self.collector_metrics),
             "otel-collector:8888": local(self.collector_telemetry),
@@ -369,6 +373,7 @@ class NativeStack:
         self.prometheus: Managed | None = None
         self.alertmanager: Managed | None = None
         self.app: Managed | None = None
+        self.edge: Managed | None = None
         self.health_probe = None
 
     @property
@@ -382,6 +387,11 @@ class NativeStack:
     @property
     def app_url(self) -> str:
         return self.app_settings.url
+
+    @property
+    def edge_url(self) -> str:
+        """Where users and locust call the app: through the edge."""
+        return f"http://127.0.0.1:{self.ports.edge}"
 
     @property
     def collector_metrics_url(self) -> str:
@@ -457,6 +467,22 @@ class NativeStack:
             self.health_probe = HealthProbe(self.ports.app).start()
         return self.app
 
+    def start_edge(self) -> Managed:
+        """Caddy with edge/caddy-config.json, its app server proxying to the native app. The Grafana listener
+        is left out: Grafana is not part of the native tier."""
+        from tooling import edge
+
+        config = self.run_dir / "caddy-config.json"
+        config.write_text(json.dumps(edge.render_config(
+            {edge.APP_SERVER: self.ports.edge, edge.METRICS_SERVER: self.ports.edge_metrics},
+            {"app:5000": f"127.0.0.1:{self.ports.app}"}), indent=2))
+        env = edge.edge_environment(f"http://127.0.0.1:{self.ports.otlp_grpc}")
+        env.update(XDG_DATA_HOME=str(self.run_dir / "caddy-data"), XDG_CONFIG_HOME=str(self.run_dir / "caddy-config"))
+        self.edge = spawn("edge", [str(edge.caddy_binary()), "run", f"--config={config}"], env, self.run_dir,
+                          self.run_dir)
+        self._wait("edge", self.edge, f"http://127.0.0.1:{self.ports.edge_metrics}/health")
+        return self.edge
+
     def _wait(self, name: str, managed: Managed, url: str) -> None:
         try:
             wait_http(url, 30, managed.process)
@@ -477,6 +503,7 @@ class NativeStack:
             self.start_prometheus()
             if with_app:
                 self.start_app()
+            self.start_edge()
         except BaseException:
             self.down()  # never leave a half-started stack behind
             raise
@@ -485,7 +512,7 @@ class NativeStack:
     def down(self) -> None:
         if self.health_probe is not None:
             self.health_probe.stop()
-        for managed in (self.app, self.collector, self.prometheus, self.alertmanager):
+        for managed in (self.edge, self.app, self.collector, self.prometheus, self.alertmanager):
             if managed is not None:
                 managed.stop()
         self.tempo_sink.stop()
@@ -494,6 +521,7 @@ class NativeStack:
 
     def urls(self) -> dict[str, str]:
         return {
+            "edge (the app, as users call it)": self.edge_url,
             "app": self.app_url,
             "prometheus": self.prometheus_url,
             "alertmanager": self.alertmanager_url,
@@ -535,19 +563,20 @@ def locust_environment() -> dict[str, str]:
 
 def run_locust(host: str, seconds: int | None, users: int, run_dir: Path, name: str = "locust",
                background: bool = False, scenario: str = "steady",
-               otlp_endpoint: str | None = None) -> subprocess.Popen | dict:
+               otlp_endpoint: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen | dict:
     """A scenario of locustfile.py headless against `host`, with the ground-truth plugin; returns what
     it sent. seconds=None lets the scenario end itself (locustfile.py's table says when).
 
     With otlp_endpoint, locust runs with `--otel`, locust/locust.env and the app's cost profile (its
     sampler: locust roots the traces), as compose runs it, exporting there. With background=True the
-    process is returned; call `locust_result(run_dir, name)` after it ends.
+    process is returned; call `locust_result(run_dir, name)` after it ends. `env` adds settings of the
+    scenario (DICE_SPIKE_USERS, ...).
     """
     run_dir = run_dir.resolve()  # locust runs with it as cwd
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    extra, env = env or {}, {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     if otlp_endpoint:
         env.update(locust_environment(), OTEL_EXPORTER_OTLP_ENDPOINT=otlp_endpoint)
-    env.update(LOCUST_GROUND_TRUTH_FILE=str(run_dir / f"{name}.json"), DICE_SCENARIO=scenario)
+    env.update(LOCUST_GROUND_TRUTH_FILE=str(run_dir / f"{name}.json"), DICE_SCENARIO=scenario, **extra)
     args = [str(VENV_BIN / "locust"), "-f", f"{LOCUSTFILE},{GROUND_TRUTH_PLUGIN}", "--headless",
             "-u", str(users), "-r", str(users), "--host", host, "--only-summary",
             "--stop-timeout", "5", "--exit-code-on-error", "0", *(["--otel"] if otlp_endpoint else [])]
@@ -622,7 +651,7 @@ def _up() -> int:
         time.sleep(0.5)
     for name, url in json.loads(URLS_FILE.read_text()).items():
         print(f"  {name:24} {url}")
-    print("load:  .venv/bin/locust -f locustfile.py --host http://127.0.0.1:5000\n"
+    print(f"load:  .venv/bin/locust -f locustfile.py --host http://127.0.0.1:{StackPorts.fixed().edge}\n"
           "logs:  .native/native.log and .native/run/*.log\nstop:  make native-down")
     return 0
 
