@@ -108,6 +108,11 @@ BEYLA_PROMETHEUS = {
     "extra_resource_attributes", "extra_span_resource_attributes", "instrumentations", "native_histogram", "path",
     "port", "service_cache_size", "ttl",
 }  # fmt: skip
+# Buckets (prometheus_export.buckets) of the same schema: bounds per histogram family.
+BEYLA_BUCKETS = {
+    "duration_histogram", "gen_ai_client_operation_duration_histogram", "gen_ai_client_token_usage_histogram",
+    "request_size_histogram", "response_size_histogram",
+}  # fmt: skip
 BEYLA_ALLOWED = (
     BEYLA_ROOT
     | {f"discovery.{k}" for k in BEYLA_DISCOVERY}
@@ -115,6 +120,7 @@ BEYLA_ALLOWED = (
     | {f"routes.{k}" for k in BEYLA_ROUTES}
     | {f"metrics.{k}" for k in BEYLA_METRICS}
     | {f"prometheus_export.{k}" for k in BEYLA_PROMETHEUS}
+    | {f"prometheus_export.buckets.{k}" for k in BEYLA_BUCKETS}
 )
 # Enums of the same schema: RoutesConfig.unmatched, RoutesConfig.ignore_mode, Features.
 BEYLA_UNMATCHED = {"heuristic", "low-cardinality", "path", "unset", "wildcard"}

@@ -4,6 +4,8 @@ workers) sending OTLP and Pyroscope pushes to capture sinks that decode them wit
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -12,8 +14,9 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 from zerocode import profiling
+from zerocode.latency import HTTP_DURATION_BUCKETS
 
-from tooling.native import AppSettings, poll, start_app
+from tooling.native import VENV_BIN, AppSettings, poll, start_app
 from tooling.sinks import OtlpSink, PyroscopeSink
 
 SERVER = 2  # opentelemetry.proto.trace.v1.Span.SPAN_KIND_SERVER
@@ -159,6 +162,63 @@ def test_handled_exception_is_an_event_and_the_status_follows_the_http_answer(
         assert len(events) == 1 and events[0].attributes["exception.type"].rsplit(".", 1)[-1] == exception_type
 
 
+# ------------------------------------------------------------------- the configurator and its buckets
+
+# Records one duration on the instrument the Flask instrumentation creates, under opentelemetry-instrument
+# with the app's OTLP exporter, and flushes it to the sink.
+RECORD_ONE_DURATION = """
+from opentelemetry import metrics
+metrics.get_meter("probe").create_histogram("http.server.request.duration", unit="s").record(0.0013)
+metrics.get_meter_provider().force_flush()
+"""
+SEMCONV_ADVICE = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10)
+
+
+def exported_duration_points(sink: OtlpSink) -> list[tuple[str, object]]:
+    """(kind of histogram, its data point) of every export of http.server.request.duration."""
+    return [(metric.WhichOneof("data"), point) for request in sink.metric_requests
+            for rm in request.resource_metrics for sm in rm.scope_metrics for metric in sm.metrics
+            if metric.name == "http.server.request.duration"
+            for point in getattr(metric, metric.WhichOneof("data")).data_points]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("configurator, aggregation, bounds, warning", [
+    # app/app.env: our configurator, the stack's bounds.
+    ("zerocode", None, HTTP_DURATION_BUCKETS, None),
+    # The distro's configurator (what a missing OTEL_PYTHON_CONFIGURATOR may pick): the SDK's default
+    # buckets (this instrument carries no advice, so the SDK's own), and a warning that names the setting.
+    ("configurator", None, (0, 5, 10, 25, 50, 75, 100, 250, 500, 750, 1000, 2500, 5000, 7500, 10000),
+     "set OTEL_PYTHON_CONFIGURATOR=zerocode"),
+    # Exponential histograms asked for: the View steps aside, silently.
+    ("zerocode", "base2_exponential_bucket_histogram", "exponential", None),
+])
+def test_the_configurator_gives_the_request_duration_its_bounds(configurator, aggregation, bounds, warning):
+    sink = OtlpSink().start()
+    env = {"PATH": os.environ["PATH"], "OTEL_PYTHON_CONFIGURATOR": configurator, "OTEL_METRICS_EXPORTER": "otlp",
+           "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://{sink.endpoint}",
+           "OTEL_TRACES_EXPORTER": "none", "OTEL_LOGS_EXPORTER": "none", "OTEL_METRIC_EXPORT_INTERVAL": "600000"}
+    if aggregation:
+        env["OTEL_EXPORTER_OTLP_METRICS_DEFAULT_HISTOGRAM_AGGREGATION"] = aggregation
+    try:
+        result = subprocess.run([str(VENV_BIN / "opentelemetry-instrument"), str(VENV_BIN / "python"), "-c",
+                                 RECORD_ONE_DURATION], env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        sink.stop()
+    assert result.returncode == 0, result.stderr
+    points = exported_duration_points(sink)
+    assert points and all(point.count == 1 for _, point in points), (points, result.stderr[-2000:])
+    if bounds == "exponential":
+        assert {kind for kind, _ in points} == {"exponential_histogram"}
+    else:
+        assert {(kind, tuple(point.explicit_bounds)) for kind, point in points} == {("histogram", bounds)}
+    warnings = [line for line in result.stderr.splitlines() if "zerocode.latency" in line]
+    if warning:
+        assert len(warnings) == 1 and warning in warnings[0], result.stderr
+    else:
+        assert not warnings, result.stderr
+
+
 # --------------------------------------------------------------------------- the real app, 2 workers
 
 SENT_MIX = {"/": 150, "/health": 30, "/fail": 20, "/no-such-page": 10}
@@ -268,6 +328,15 @@ def test_request_duration_histogram_counts_equal_requests_sent(served):
     instances = {p.resource["service.instance.id"]
                  for p in served["otlp"].histogram_points("http.server.request.duration")}
     assert len(instances) == 2, "both workers export their own cumulative histogram"
+
+
+@pytest.mark.integration
+def test_request_duration_histogram_has_the_stacks_bounds(served):
+    # app/app.env's OTEL_PYTHON_CONFIGURATOR=zerocode: the View applies in every worker, with the hooks above.
+    bounds = {tuple(point.explicit_bounds) for request in served["otlp"].metric_requests
+              for rm in request.resource_metrics for sm in rm.scope_metrics for metric in sm.metrics
+              if metric.name == "http.server.request.duration" for point in metric.histogram.data_points}
+    assert bounds == {HTTP_DURATION_BUCKETS}
 
 
 @pytest.mark.integration

@@ -47,20 +47,21 @@ class ProfilingSettings:
     sample_rate: int = DEFAULT_SAMPLE_RATE
 
 
-def _ensure_visible_logging() -> None:
+def _ensure_visible_logging(logger: logging.Logger = log) -> None:
     # The hook runs before the app configures logging. With OTEL_PYTHON_LOG_CORRELATION the logging
     # instrumentation has already configured the root logger (stdout with trace ids, and the OTLP
-    # handler), so our lines go there like the app's; without it, INFO lines would vanish unless we
-    # give them a handler of our own.
+    # handler), so our lines go there like the app's; without it, INFO lines would vanish (and warnings
+    # too, once the instrumentation's OTLP handler sits on the root logger) unless we give them a handler
+    # of our own. zerocode.latency uses it for its warning.
     root = logging.getLogger()
     root_prints_info = root.getEffectiveLevel() <= logging.INFO and any(
         isinstance(handler, logging.StreamHandler) for handler in root.handlers)
-    if not log.handlers and not root_prints_info:
+    if not logger.handlers and not root_prints_info:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s [%(name)s] %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def parse_server_address(value: str) -> str:
