@@ -14,16 +14,19 @@ side by side), makes the other faults, each a real process doing what it would d
    - A second replica of the app serves part of the traffic, and Prometheus does not scrape it (its app
      job lists one target, as compose's does): the SDK's metrics (otel) count the replica's requests, the
      app's own /metrics (manual) never does, so the manual source undercounts every route by the
-     replica's share: DiceTelemetrySourcesDisagree (manual).
+     replica's share: DiceTelemetrySourcesDisagree (manual). Its load generator calls the replica
+     directly, around the edge, so the edge undercounts by the same share: Disagree (edge) too.
    The three touch different signals (traces, logs, metrics), so each fault shows in its own alert only.
-2. The app SIGKILLed (gunicorn's master and workers) under the steady load: DiceAppTargetDown, and
-   locust's requests fail with connection errors: DiceApiFailingForClients, in the same outage. Both
-   resolve once the app is started again.
+2. The app SIGKILLed (gunicorn's master and workers) under the steady load, which goes through the edge:
+   DiceAppTargetDown; locust gets the edge's 502s: DiceApiFailingForClients; and the edge counts those
+   502s, so the availability SLO, measured at the edge, burns: DiceApiAvailabilityBurnRate, in the same
+   outage, while every in-process source counts nothing. All resolve once the app is started again.
 
 The committed OtelCollectorExportFailing and OtelCollectorRefusingData have no `for` and fire as they are;
 DiceAppTargetDown fires as committed (`for: 1m`). DiceTelemetrySourcesDisagree (10-minute `for` over
 5-minute averages) is fired in its drill with windows divided by 10, DiceApiFailingForClients (2-minute
-`for` and rates) in the one divided by 3 (tooling/alert_drills.py; why 3 is said where it is waited for).
+`for` and rates) in the one divided by 3 (tooling/alert_drills.py; why 3 is said where it is waited for),
+the availability SLO's page (1 hour and 5 minutes) in Sloth's drill with windows divided by 12.
 Resolution is waited for in the drills: the committed collector alerts look back 5 minutes.
 """
 
@@ -39,12 +42,12 @@ import yaml
 from stackfiles import phase
 
 from tooling.alert_drills import Notified, SteadyLoad, drill_stack
-from tooling.native import COLLECTOR_CONFIG, AppSettings, poll, run_locust, start_app
+from tooling.native import COLLECTOR_CONFIG, AppSettings, poll, prometheus_query, run_locust, start_app
 
 pytestmark = pytest.mark.integration
 
 DRIFT_FACTOR, CLIENTS_FACTOR, SLO_FACTOR = 10, 3, 12
-DRIFT, CLIENTS = f"x{DRIFT_FACTOR}", f"x{CLIENTS_FACTOR}"
+DRIFT, CLIENTS, SLO = f"x{DRIFT_FACTOR}", f"x{CLIENTS_FACTOR}", f"x{SLO_FACTOR}"
 # Until the drills can compare: every source has published (SDK every 10 s, the app scraped every 15 s)
 # and the manual source counted 30 s ago (the Disagree drill's `offset`).
 WARMUP_SECONDS = 40
@@ -122,6 +125,8 @@ def test_pipeline_faults_fire_export_failing_refusing_data_and_sources_disagree(
             notified.wait("firing", 90, drill="", **refusing)
         TIMES["an unscraped replica serves 2/7 of the load -> DiceTelemetrySourcesDisagree{manual, /} "
               "(drill x10)"] = notified.wait("firing", 210, drill=DRIFT, **disagree)
+        TIMES["the replica's load goes around the edge -> DiceTelemetrySourcesDisagree{edge, /} (drill x10)"] = \
+            notified.wait("firing", 60, drill=DRIFT, **dict(disagree, telemetry_source="edge"))
 
         # Nothing reached Loki while the collector refused every log batch.
         assert len(stack.loki_sink.records()) == records_kept
@@ -144,16 +149,16 @@ def test_pipeline_faults_fire_export_failing_refusing_data_and_sources_disagree(
     stack.start_collector()
     restarted = time.time()
 
-    # Each fault set off its own alert and nothing else did: the replica made only the manual source
-    # look short, and no 5xx burned the availability budget. Not asserted: the latency SLO, whose 100 ms
-    # the replica and its load generator, two more processes on a shared 2-core machine, may push some
-    # requests past (CPU starvation is tests/test_alerts_native.py's fault).
+    # Each fault set off its own alert and nothing else did: the replica made only the manual source and
+    # the edge (which its traffic bypasses) look short, and no 5xx burned the availability budget. Not
+    # asserted: the latency SLO, whose 100 ms the replica and its load generator, two more processes on a
+    # shared 2-core machine, may push some requests past (overload is tests/test_alerts_native.py's fault).
     fired = notified.firing(started)
     print("fired during the faults:", sorted(fired))
     assert {name for name, *_ in fired} - EXPECTED - {"DiceApiLatencyBurnRate"} == \
         {"OtelCollectorExportFailing", "OtelCollectorRefusingData", "DiceTelemetrySourcesDisagree"}, fired
     assert {source for name, _, source in fired if name == "DiceTelemetrySourcesDisagree"} <= \
-        {"manual,/", "manual,/health", "manual,/fail"}, fired
+        {f"{source},{route}" for source in ("manual", "edge") for route in ("/", "/health", "/fail")}, fired
 
     drill = {"drill": DRIFT}
     TIMES["Tempo accepts again -> OtelCollectorExportFailing resolved (drill x10)"] = \
@@ -164,7 +169,16 @@ def test_pipeline_faults_fire_export_failing_refusing_data_and_sources_disagree(
         notified.wait("resolved", 120, **drill, **disagree) - (replica_stopped - started)
 
 
-def test_app_killed_fires_target_down_and_failing_for_clients_then_resolves(stack, load, notified):
+# Every in-process series of the app's requests: the SDK's histogram and the app's spans' metrics (otel),
+# the app's own exporter (manual) and Beyla's (ebpf, absent here).
+IN_PROCESS_COUNTS = ('{telemetry_source=~"otel|manual|ebpf", __name__=~"http_server_request_duration_seconds_count|'
+                     'flask_http_request_total|traces_spanmetrics_calls_total", service_name!~"edge|locust"}')
+EDGE_502 = ('traces_spanmetrics_calls_total{telemetry_source="edge", service_name="edge",'
+            ' span_kind="SPAN_KIND_SERVER", span_name="GET /", http_response_status_code="502"}')
+
+
+def test_app_killed_fires_target_down_failing_for_clients_and_the_availability_slo_then_resolves(
+        stack, load, notified):
     master = psutil.Process(stack.app.process.pid)
     processes = [master, *master.children()]
     assert len(processes) == 3, processes  # gunicorn's master and its 2 workers
@@ -177,27 +191,52 @@ def test_app_killed_fires_target_down_and_failing_for_clients_then_resolves(stac
     # The x3 drill (40 s windows): locust exports its counts every 10 s and the collector is scraped
     # every 5 s, so the x10 drill's 12-second rates are often 0/0 and its 12 s `for` starts over.
     failing = {"alertname": "DiceApiFailingForClients", "drill": CLIENTS, "name": "/"}
+    # The SLO measured at the edge: every GET / now gets the edge's 502 (connection refused).
+    availability = {"alertname": "DiceApiAvailabilityBurnRate", "drill": SLO, "sloth_severity": "page"}
+    TIMES["app SIGKILLed -> DiceApiAvailabilityBurnRate page at the edge (drill x12)"] = \
+        notified.wait("firing", 150, **availability)
     TIMES["app SIGKILLed -> DiceAppTargetDown (committed)"] = notified.wait("firing", 150, **down)
     TIMES["app SIGKILLed -> DiceApiFailingForClients{/} (drill x3)"] = notified.wait("firing", 120, **failing)
 
+    # Meanwhile no in-process source counted a request, and the edge counted the 502s users got. From
+    # 20 s after the kill: the SDK's and the app's last counts before it are published by then.
     restarted = time.time()
+    quiet_from = killed + 20
+    window = f"{round(restarted - quiet_from)}s"
+    in_process = {(r["metric"]["__name__"], r["metric"]["telemetry_source"]): float(r["value"][1]) for r in
+                  prometheus_query(stack.prometheus_url, f"sum by (__name__, telemetry_source) "
+                                   f"(increase({IN_PROCESS_COUNTS}[{window}]))", time=restarted)}
+    edge_502 = sum(float(r["value"][1]) for r in prometheus_query(
+        stack.prometheus_url, f"increase({EDGE_502}[{window}])", time=restarted))
+
     stack.start_app()
     back = time.time()  # listening again (opentelemetry-instrument takes seconds to start gunicorn)
     TIMES["app listening again -> DiceAppTargetDown resolved"] = \
         notified.wait("resolved", 120, **down) - (back - killed)
     TIMES["app listening again -> DiceApiFailingForClients resolved (drill x3)"] = \
         notified.wait("resolved", 120, **failing) - (back - killed)
+    TIMES["app listening again -> DiceApiAvailabilityBurnRate resolved (drill x12)"] = \
+        notified.wait("resolved", 120, **availability) - (back - killed)
     fired = notified.firing(killed)
     print("\nfired during the outage:", sorted(fired))
 
-    # What locust saw: every request failed while the app was down, none once it was back.
+    # What locust saw: every request failed (the edge's 502) while the app was down, none once it was back.
     truth = load.stop()
     during = phase(truth["timeline"], killed + 1, restarted)
     after = phase(truth["timeline"], back + 1, load.stopped)
-    print(f"app down {back - killed:.0f} s: outage {during}\n  after {after}")
+    failed_root = len([r for r in truth["timeline"] if quiet_from <= r[0] < restarted and r[1] == "/"])
+    print(f"app down {back - killed:.0f} s: outage {during}\n  after {after}\n  over the last {window} of the "
+          f"outage: locust sent {failed_root} requests to /, the edge counted {edge_502:.0f} 502s on GET /; "
+          f"in-process increases {in_process}")
     assert during["requests"] > 50 and during["unexpected"] == during["requests"], during
     assert after["requests"] > 20 and after["unexpected"] == 0, after
+    # Silent: the otel series are still exported (flat: the collector keeps the app's last values), the
+    # manual ones are not scraped at all; neither grew by one request.
+    assert in_process and all(value == 0 for value in in_process.values()), in_process
+    # Counted: the edge's 502s on / match what locust sent there, give or take the publishing lag at
+    # both ends of the window (span metrics flush every 5 s, scraped every 5 s).
+    assert failed_root > 20 and abs(edge_502 - failed_root) <= max(5.0, 0.25 * failed_root), (edge_502, failed_root)
     # Not asserted, as above: the latency SLO (requests queued while the new workers boot may wait
     # past 100 ms).
     assert {name for name, *_ in fired} - EXPECTED - {"DiceApiLatencyBurnRate"} == \
-        {"DiceAppTargetDown", "DiceApiFailingForClients"}, fired
+        {"DiceAppTargetDown", "DiceApiFailingForClients", "DiceApiAvailabilityBurnRate"}, fired

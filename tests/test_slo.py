@@ -1,5 +1,8 @@
 """The SLOs: prometheus/slo/dice-slos.yaml (a Sloth spec) and the rules Sloth generates from it.
 
+The SLIs are measured at the edge (the span metrics of its SERVER spans): these tests hold the spec to
+that source and its latency threshold to a bucket boundary of the edge's histogram.
+
 prometheus/rules/dice-slo.yaml is committed so that Prometheus needs no Sloth; these tests regenerate it
 with Sloth built from its Go module (tooling.sloth_build) and fail on any drift, and check that what was
 generated is the multiwindow, multi-burn-rate table the spec promises. Its alerts' firing and quiet cases
@@ -62,20 +65,42 @@ def test_generated_alerts_follow_the_multiwindow_multi_burn_rate_table():
     assert seen == {(name, severity) for name in objectives for severity in MWMB}
 
 
+EDGE_SELECTOR = ('telemetry_source="edge"', 'service_name="edge"', 'span_kind="SPAN_KIND_SERVER"', 'span_name="GET /"')
+COLLECTOR_CONFIG = sloth_build.REPO_ROOT / "otel-collector" / "otel-collector-config.yaml"
+
+
+def span_metrics_bounds() -> set[float]:
+    """The explicit bucket bounds of the collector's span_metrics histogram, in seconds (the edge's)."""
+    histogram = yaml.safe_load(COLLECTOR_CONFIG.read_text())["connectors"]["span_metrics"]["histogram"]
+    units = {"ms": 0.001, "s": 1.0}
+    return {round(float(m.group(1)) * units[m.group(2)], 9)
+            for m in (re.fullmatch(r"([\d.]+)(ms|s)", str(b)) for b in histogram["explicit"]["buckets"])}
+
+
 @pytest.mark.unit
-def test_every_slo_is_on_the_otel_source_and_the_user_facing_route_only():
-    """The SLIs read the SDK's histogram of `/` (prometheus/slo/dice-slos.yaml says why), never /fail."""
+def test_every_slo_is_measured_at_the_edge_on_the_user_facing_route_only():
+    """The SLIs read the span metrics of the edge's SERVER spans of `GET /` (prometheus/slo/dice-slos.yaml
+    says why): what users got, queueing and the edge's own 502s included. Never /fail, never the edge's
+    CLIENT hop into the app, never an in-process histogram (those are the diagnostic of service time)."""
     slos = spec()["slos"]
     assert {slo["name"] for slo in slos} >= {"requests-availability", "requests-latency"}
+    assert spec()["labels"]["sli_source"] == "edge"
     for slo in slos:
         for query in slo["sli"]["events"].values():
-            selectors = re.findall(r"\{([^}]*)\}", query.replace("{{.window}}", ""))
+            selectors = re.findall(r"(\w+)\{([^}]*)\}", query.replace("{{.window}}", ""))
             assert selectors, query
-            for selector in selectors:
-                assert 'telemetry_source="otel"' in selector and 'http_route="/"' in selector, selector
-                assert 'service_name="dice-api"' in selector, selector
-    # The latency threshold is a bucket boundary of the SDK's histogram (0.1 s).
-    assert 'le="0.1"' in next(s for s in slos if s["name"] == "requests-latency")["sli"]["events"]["error_query"]
+            for metric, selector in selectors:
+                assert metric.startswith("traces_spanmetrics_latency_"), metric
+                assert all(part in selector.split(",") for part in EDGE_SELECTOR), selector
+
+
+@pytest.mark.unit
+def test_the_latency_threshold_is_a_bucket_boundary_of_the_edges_histogram():
+    """0.1 s is counted exactly (a bucket's cumulative count), not interpolated between two bounds."""
+    (latency,) = [s for s in spec()["slos"] if s["name"] == "requests-latency"]
+    thresholds = set(re.findall(r'le="([^"]+)"', latency["sli"]["events"]["error_query"]))
+    assert thresholds == {"0.1"}, thresholds
+    assert 0.1 in span_metrics_bounds(), sorted(span_metrics_bounds())
 
 
 @pytest.mark.unit

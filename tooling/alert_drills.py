@@ -239,7 +239,8 @@ def compose_users(service: str) -> int:
 @dataclass
 class SteadyLoad:
     """Compose's background load (locust's steady scenario, with its own OTLP metrics: loadgen) on a
-    stack until `stop()`, which returns locust's ground truth."""
+    stack until `stop()`, which returns locust's ground truth. Through the edge, as compose's locust
+    calls it: the SLOs are measured there, and an app that is down answers 502 from it."""
 
     stack: object
     users: int = field(default_factory=lambda: compose_users("locust"))
@@ -251,7 +252,7 @@ class SteadyLoad:
     def __post_init__(self):
         from tooling.native import run_locust
 
-        self.process = run_locust(self.stack.app_url, 1800, self.users, self.stack.run_dir, name=self.name,
+        self.process = run_locust(self.stack.edge_url, 1800, self.users, self.stack.run_dir, name=self.name,
                                   background=True, scenario="steady",
                                   otlp_endpoint=f"http://127.0.0.1:{self.stack.ports.otlp_grpc}")
         self.started = time.time()
