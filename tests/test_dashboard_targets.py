@@ -176,3 +176,22 @@ def test_a_target_may_take_its_panels_datasource():
     panel = {"title": "p", "datasource": datasource, "targets": [{"refId": "A", "expr": "up"}]}
     (query,) = dashboard_queries({"uid": "d", "panels": [panel]})
     assert query.query["datasource"] == datasource and query.query["expr"] == "up"
+
+
+def test_the_edge_and_the_wait_for_a_worker_are_sent():
+    """The docker tier asks Grafana for the edge's panels too: the golden signals once more, with source=edge,
+    and the comparison's wait, its two sides, the service graph and the edge's traces in Tempo."""
+    dashboards = {dashboard["uid"]: dashboard for dashboard in all_dashboards()}
+    golden = dashboard_queries(dashboards["golden-signals"])
+    following = {(title, target["refId"]) for title, target in raw_targets(dashboards["golden-signals"]["panels"])
+                 if SOURCE_VARIABLE.search(json.dumps(target))}
+    assert following and {(q.panel, q.query["refId"]) for q in golden if q.source == "edge"} == following
+    for query in golden:
+        if query.source == "edge":
+            assert 'telemetry_source="edge"' in query.text and "$source" not in query.text, query.title
+    comparison = Counter((q.panel.split(",")[0].split(":")[0], q.query["datasource"]["type"])
+                         for q in dashboard_queries(dashboards["comparison"]))
+    assert comparison["Waiting for a worker", "prometheus"] == 2  # the mean wait and the p95 gap
+    assert comparison["Mean latency per route", "prometheus"] == 2  # the edge's side and the app's
+    assert comparison["Service graph", "prometheus"] == 1
+    assert comparison["Requests through the edge (Tempo)", "tempo"] == 1

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,10 @@ KNOWN_METRICS = {
     "ALERTS",  # Prometheus's own series of the alerts pending or firing
 }
 KNOWN_METRIC_PREFIXES = ("traces_service_graph_",)
-SOURCES = {"manual", "otel", "ebpf", "loadgen"}
+SOURCES = {"manual", "otel", "ebpf", "edge", "loadgen"}
+# The sources inside the app's process or kernel: a query that lists two of them compares sources, and must
+# list the edge (what users got) beside them.
+IN_PROCESS = {"manual", "otel", "ebpf"}
 
 
 def recording_rules() -> set[str]:
@@ -345,10 +349,10 @@ def test_the_promql_check_rejects_a_broken_query(tmp_path):
 
 
 @pytest.mark.unit
-def test_overview_compares_the_three_sources_and_shows_traces_and_profiles():
+def test_overview_compares_the_four_sources_and_shows_traces_and_profiles():
     dashboard = json.loads((GRAFANA / "dashboards" / "stack-overview.json").read_text())
     exprs = " ".join(target["expr"] for _, target in prometheus_targets(dashboard))
-    assert "telemetry_source" in exprs
+    assert 'telemetry_source=~"edge|ebpf|otel|manual"' in exprs
     kinds = {(panel.get("datasource") or {}).get("uid") for panel in panels(dashboard)}
     assert {"prometheus", "tempo", "loki", "pyroscope"} <= kinds
     (profile,) = [t for p in panels(dashboard) if p["type"] == "flamegraph" for t in p["targets"]]
@@ -407,8 +411,8 @@ def test_golden_signals_chooses_the_telemetry_source_with_a_variable():
     (variable,) = golden["templating"]["list"]
     assert variable["name"] == "source" and variable["type"] == "custom"
     # The values of the telemetry_source label that describe the service; loadgen is the client's view,
-    # on the comparison dashboard. One at a time, otel first (what the SLOs use).
-    assert source_values(golden) == variable["query"].split(",") == ["otel", "manual", "ebpf"]
+    # on the comparison dashboard. One at a time, otel first (what the SLOs use), then the edge (what users got).
+    assert source_values(golden) == variable["query"].split(",") == ["otel", "edge", "manual", "ebpf"]
     assert variable["current"]["value"] == "otel"
     assert not variable["multi"] and not variable["includeAll"]
     for panel, target in prometheus_targets(golden):
@@ -441,6 +445,241 @@ def test_golden_signals_shows_latency_traffic_errors_and_saturation_per_route():
 @pytest.mark.unit
 def test_golden_signals_links_to_the_comparison_and_the_slos():
     assert {"comparison", "slo"} <= dashboard_links(load_dashboard("golden-signals"))
+
+
+# --- the edge, and the wait for a worker -------------------------------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_every_query_that_lists_sources_lists_the_edge(path):
+    """A panel that compares the in-process sources by name shows the edge beside them, and a dashboard
+    that names its sources in its text names the edge too."""
+    dashboard = json.loads(path.read_text())
+    for panel, target in prometheus_targets(dashboard):
+        for named in re.findall(r'telemetry_source=~"([^"]+)"', target["expr"]):
+            if len(set(named.split("|")) & IN_PROCESS) > 1:
+                assert "edge" in named.split("|"), f"{panel['title']!r} lists {named!r} without the edge"
+    texts = [panel["options"]["content"] for panel in panels(dashboard) if panel["type"] == "text"
+             and not panel["title"].startswith("Runbook: ")]
+    if any("`otel`" in text and "`manual`" in text for text in texts):
+        assert any("`edge`" in text for text in texts), f"{path.name}: its text names the sources but not the edge"
+
+
+@pytest.mark.unit
+def test_golden_signals_panels_say_why_a_source_is_empty():
+    # Grafana shows fieldConfig.defaults.noValue instead of "No data" (PanelDataErrorView): an edge that is
+    # down, like Beyla where eBPF cannot run, must not look like a broken dashboard.
+    golden = load_dashboard("golden-signals")
+    following = [p for p in panels(golden) if any("$source" in t.get("expr", "") for t in p.get("targets", []))]
+    assert len(following) >= 6
+    for panel in following:
+        no_value = panel["fieldConfig"]["defaults"].get("noValue", "")
+        if panel["type"] != "stat":  # a stat shows it as its value, in large type: a short word there
+            assert "edge is down" in no_value and "eBPF" in no_value, panel["title"]
+        else:
+            assert no_value, panel["title"]
+
+
+def comparison_panel(title_start: str) -> dict:
+    (panel,) = [p for p in panels(load_dashboard("comparison")) if p.get("title", "").startswith(title_start)]
+    return panel
+
+
+WAIT_PANEL = "Waiting for a worker"
+MEANS_PANEL = "Mean latency per route"
+SERVICE_GRAPH_PANEL = "Service graph"
+EDGE_TRACES_PANEL = "Requests through the edge (Tempo)"
+
+
+@pytest.mark.unit
+def test_the_wait_panel_says_what_it_can_and_cannot_tell():
+    panel = comparison_panel(WAIT_PANEL)
+    description = panel["description"]
+    for claim in ("exact for means", "not the p95 of the wait", "proxy's own time", "network hop",
+                  "listen queue", "502/503/504", "no in-process"):
+        assert claim in description, claim
+    mean, gap = panel["targets"]
+    assert "not the p95 of the wait" in gap["legendFormat"], "the dashed line's legend must not pass for a quantile"
+    for target in (mean, gap):
+        # Per route, the edge's SERVER spans against the app's, both from the same span-metrics connector.
+        assert 'service_name="edge", span_kind="SPAN_KIND_SERVER", http_response_status_code!~"502|503|504"' in (
+            target["expr"])
+        assert 'service_name="dice-api", span_kind="SPAN_KIND_SERVER"' in target["expr"]
+    assert "traces_spanmetrics_latency_sum" in mean["expr"] and "traces_spanmetrics_latency_count" in mean["expr"]
+    assert gap["expr"].count("histogram_quantile(0.95,") == 2
+    for title in (WAIT_PANEL, MEANS_PANEL):
+        no_value = comparison_panel(title)["fieldConfig"]["defaults"]["noValue"]
+        assert "edge is down" in no_value and "502" in no_value, title
+
+
+@pytest.mark.unit
+def test_the_comparison_shows_the_service_graph_and_how_to_see_the_wait_in_a_trace():
+    graph = comparison_panel(SERVICE_GRAPH_PANEL)
+    (target,) = graph["targets"]
+    assert target["expr"].startswith("sum by (client, server) (rate(traces_service_graph_request_total{")
+    assert "locust \u2192 edge \u2192 dice-api" in graph["title"]
+    traces = comparison_panel(EDGE_TRACES_PANEL)
+    (query,) = traces["targets"]
+    assert query["query"] == '{resource.service.name="edge" && kind=server}' and query["queryType"] == "traceql"
+    # The hint names the spans to look at: the edge's hop into the app (edge/caddy-config.json marks it) and
+    # the app's own span, whose late start is the wait.
+    hop = "edge.hop=upstream"
+    named = json.loads((REPO_ROOT / "edge" / "caddy-config.json").read_text())["apps"]["http"]["servers"]["app"]
+    assert named["named_routes"]["app"]["handle"][0]["span_attributes"] == {"edge.hop": "upstream"}
+    (hint,) = [p for p in panels(load_dashboard("comparison"))
+               if p["type"] == "text" and hop in p["options"]["content"]]
+    assert "wait for a worker" in hint["options"]["content"] and hop in traces["description"]
+
+
+def span_metric(name: str, service: str, kind: str, span: str, status: str, instance: str, **extra: str) -> str:
+    labels = {"job": service, "instance": instance, "telemetry_source": "edge" if service == "edge" else "otel",
+              "service_name": service, "span_kind": kind, "span_name": span, "http_response_status_code": status,
+              **extra}
+    return f"traces_spanmetrics_latency_{name}{{{', '.join(f'{k}={json.dumps(v)}' for k, v in labels.items())}}}"
+
+
+def span_series(service, kind, span, status, per_step, seconds_each, instance="i1", buckets=()):
+    """Span metrics of `per_step` spans every 15 s, each lasting `seconds_each`: count, sum and, if
+    `buckets` are given, the cumulative buckets (every bound at or above the duration holds them all)."""
+    args = (service, kind, span, status, instance)
+    series = [(span_metric("count", *args), per_step), (span_metric("sum", *args), per_step * seconds_each)]
+    if buckets:
+        series += [(span_metric("bucket", *args, le=str(le)), per_step if seconds_each <= le else 0) for le in buckets]
+        series.append((span_metric("bucket", *args, le="+Inf"), per_step))
+    return [{"series": name, "values": f"0+{step!r}x12"} for name, step in series]
+
+
+@pytest.mark.integration  # builds Prometheus's promtool
+def test_the_edge_panels_compute_the_wait_from_known_spans(tmp_path):
+    """The panels' own queries, run by promtool on series shaped like the collector's span metrics: the
+    requests that reached the app took 50 ms at the edge and 3 ms in the app (two workers), so the mean
+    wait on / is 47 ms; the edge's own 502s (1 ms, the app down) and its CLIENT hop spans are left out."""
+    buckets = (0.002, 0.004, 0.01, 0.05, 0.1)
+    series = [
+        *span_series("edge", "SPAN_KIND_SERVER", "GET /", "200", 10, 0.05, buckets=buckets),
+        *span_series("edge", "SPAN_KIND_SERVER", "GET /", "502", 5, 0.001, buckets=buckets),
+        *span_series("edge", "SPAN_KIND_CLIENT", "GET", "200", 12, 1.0, buckets=buckets),
+        *span_series("edge", "SPAN_KIND_SERVER", "GET", "404", 2, 0.01),
+        *span_series("dice-api", "SPAN_KIND_SERVER", "GET /", "200", 4, 0.003, "w1", buckets=buckets),
+        *span_series("dice-api", "SPAN_KIND_SERVER", "GET /", "200", 6, 0.003, "w2", buckets=buckets),
+        *span_series("dice-api", "SPAN_KIND_SERVER", "GET", "404", 2, 0.005, "w1"),
+    ]
+    (mean_wait, p95_gap), (edge_mean, app_mean) = (comparison_panel(t)["targets"] for t in (WAIT_PANEL, MEANS_PANEL))
+    golden = load_dashboard("golden-signals")
+    (in_progress,) = [p for p in panels(golden) if p["title"].startswith("Requests in progress")]
+    (edge_in_progress,) = [expr for source, expr in with_source(golden, in_progress["targets"][0]["expr"])
+                           if source == "edge"]
+
+    def expect(target_expr: str, samples: dict[str, float]) -> dict:
+        # promtool compares floats exactly: round both sides to 0.1 ms.
+        return {"expr": f"round({target_expr}, 0.0001)", "eval_time": "2m",
+                "exp_samples": [{"labels": f'{{route="{route}"}}', "value": round(value, 4)}
+                                for route, value in samples.items()]}
+
+    tests = [
+        expect(mean_wait["expr"], {"/": 0.047, "/**": 0.005}),
+        # p95 inside the bucket (0.01, 0.05] at the edge and (0.002, 0.004] in the app, by linear interpolation.
+        expect(p95_gap["expr"], {"/": (0.01 + 0.95 * 0.04) - (0.002 + 0.95 * 0.002)}),
+        expect(edge_mean["expr"], {"/": 0.05, "/**": 0.01}),
+        expect(app_mean["expr"], {"/": 0.003, "/**": 0.005}),
+        # Little's law at the edge: 10 spans of 50 ms and 5 of 1 ms every 15 s on /, all statuses counted.
+        expect(edge_in_progress, {"/": (10 * 0.05 + 5 * 0.001) / 15, "/**": 2 * 0.01 / 15}),
+    ]
+    spec = {"rule_files": [], "evaluation_interval": "15s",
+            "tests": [{"interval": "15s", "input_series": series, "promql_expr_test": tests}]}
+    path = tmp_path / "edge-panels.test.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    from tooling.prometheus_build import prometheus_binaries
+
+    result = subprocess.run([str(prometheus_binaries()[1]), "test", "rules", str(path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+
+SPIKE_SECONDS = 30  # locust's spike shape squeezed into 30 s: 40 users without think time from 12 s to 21 s
+
+
+def instant(stack, expr: str) -> dict[str, float]:
+    """An instant query's answer by route (the panels here are per route)."""
+    return {r["metric"].get("route"): float(r["value"][1]) for r in stack.query(expr)}
+
+
+def edge_queries() -> list[tuple[str, str]]:
+    """(where, PromQL) of every dashboard query that reads the edge or the service graph, $source written in."""
+    found = []
+    for path in DASHBOARDS:
+        dashboard = json.loads(path.read_text())
+        for panel, target in prometheus_targets(dashboard):
+            for source, expr in with_source(dashboard, target["expr"]):
+                if ("edge" in expr or "traces_service_graph" in expr) and source in (None, "edge"):
+                    found.append((f"{path.stem}: {panel['title']} {target['refId']}", expr))
+    return found
+
+
+@pytest.mark.integration  # the native stack (app, edge, collector, Prometheus) under locust's spike
+def test_the_edge_panels_answer_and_show_the_wait_during_a_spike(tmp_path, monkeypatch):
+    """Locust's spike through the edge: the wait panel shows most of the edge's time on / spent outside the
+    app while the app's own p95 stays small, and no more than the client itself waited; every dashboard
+    query that reads the edge answers, the edge among the sources it lists."""
+    from tooling.native import NativeStack, locust_result, poll, run_locust
+
+    (mean_wait, _), (edge_mean, app_mean) = (comparison_panel(t)["targets"] for t in (WAIT_PANEL, MEANS_PANEL))
+    p95 = 'dice:http_request_duration_seconds:p95_rate1m{{telemetry_source="{}", route="/"}}'
+    queries = edge_queries()
+    assert len(queries) >= 20, queries
+
+    def waiting() -> dict:
+        seen = {"wait": instant(stack, mean_wait["expr"]).get("/"), "edge": instant(stack, edge_mean["expr"]).get("/"),
+                "app": instant(stack, app_mean["expr"]).get("/"),
+                "edge_p95": instant(stack, p95.format("edge")).get("/"),
+                "otel_p95": instant(stack, p95.format("otel")).get("/"), "at": time.time()}
+        assert None not in seen.values(), f"not every query answers on / yet: {seen}"
+        # A large share of the users' time is the wait, while the app's own p95 stays a fraction of theirs.
+        assert seen["wait"] >= 0.5 * seen["edge"] and seen["otel_p95"] <= 0.25 * seen["edge_p95"], seen
+        return seen
+
+    monkeypatch.setenv("DICE_SECONDS", str(SPIKE_SECONDS))
+    stack = NativeStack(tmp_path / "native").up()
+    try:
+        locust = run_locust(stack.edge_url, None, 5, stack.run_dir, name="spike", background=True,
+                            scenario="spike", otlp_endpoint=f"http://127.0.0.1:{stack.ports.otlp_grpc}")
+        try:
+            seen = poll(waiting, SPIKE_SECONDS + 30, "the wait for a worker, most of the edge's time on /",
+                        interval=2)
+            for where, expr in queries:
+                listed = {value for named in re.findall(r'telemetry_source=~"([^"]+)"', expr)
+                          for value in named.split("|")}
+
+                def answers(expr=expr, listed=listed):
+                    result = stack.query(expr)
+                    shown = {r["metric"].get("telemetry_source") for r in result}
+                    pairs = {(r["metric"].get("client"), r["metric"].get("server")) for r in result}
+                    if "traces_service_graph" in expr:
+                        return {("locust", "edge"), ("edge", "dice-api")} <= pairs
+                    return bool(result) and ("edge" in shown if "edge" in listed else True)
+
+                poll(answers, 30, f"{where}: data, with the edge if it lists sources: {expr}", interval=2)
+        finally:
+            try:
+                locust.wait(SPIKE_SECONDS + 60)  # the shape ends the run by itself
+            except subprocess.TimeoutExpired:
+                locust.kill()
+                raise
+        truth = locust_result(stack.run_dir, "spike")
+    finally:
+        stack.down()
+    # Plausible: the edge's time sits inside the client's, so the wait is below what locust measured on / over
+    # the minute before (a quarter more allowed: span metrics reach Prometheus 5-15 s after the request ended).
+    client = [ms / 1000 for end, name, _, ms in truth["timeline"]
+              if name == "/" and seen["at"] - 75 <= end <= seen["at"]]
+    client_mean = sum(client) / len(client)
+    print(f"\n/ at {seen['at'] - truth['timeline'][0][0]:.0f} s into the spike: mean wait {seen['wait'] * 1000:.1f} ms "
+          f"of edge {seen['edge'] * 1000:.1f} ms (app {seen['app'] * 1000:.1f} ms); p95 edge "
+          f"{seen['edge_p95'] * 1000:.1f} ms, otel {seen['otel_p95'] * 1000:.1f} ms; locust's mean "
+          f"{client_mean * 1000:.1f} ms over {len(client)} requests; {len(queries)} edge queries answered")
+    assert 0 < seen["wait"] < 1.25 * client_mean
 
 
 # --- SLOs, alerts and runbooks -----------------------------------------------------------------------
