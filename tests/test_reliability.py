@@ -2,9 +2,10 @@
 
 Runs the native stack (tests/test_pipeline.py) and locust, breaks a backend mid-run (killed, hung, or a
 name that no longer resolves), and compares the app's answers and latency, as locust saw them, before,
-during and after the outage. A flood from tooling.flood then pushes the whole pipeline as hard as the
-machine allows and checks that nothing crashes, the collector stays inside its compose memory budget, and
-every telemetry count is exact again once the flood is over.
+during and after the outage. A flood from tooling.flood then pushes the whole pipeline, through the edge
+as users come in, as hard as the machine allows and checks that nothing crashes (the edge included), the
+collector stays inside its compose memory budget, and every telemetry count, the edge's included, is exact
+again once the flood is over.
 """
 
 from __future__ import annotations
@@ -433,7 +434,7 @@ class Sampler:
             except psutil.Error as exc:
                 self.deaths.append(f"collector: {exc}")
             for name, managed in (("collector", self.stack.collector), ("prometheus", self.stack.prometheus),
-                                  ("app", self.stack.app)):
+                                  ("app", self.stack.app), ("edge", self.stack.edge)):
                 if managed.process.poll() is not None:
                     self.deaths.append(f"{name} exited {managed.process.returncode}")
             try:
@@ -496,13 +497,26 @@ def compose_limited_stack(tmp_path, monkeypatch):
     stack.down()
 
 
+# The edge's SERVER spans as span metrics, per route and status: span "GET /x" is path "/x".
+EDGE_BY_ROUTE = ('sum by (span_name, http_response_status_code) '
+                 '(traces_spanmetrics_calls_total{telemetry_source="edge", span_kind="SPAN_KIND_SERVER"})')
+
+
+def edge_by_path(stack: NativeStack) -> Counter:
+    return Counter({(name.partition(" ")[2], status): n for (name, status), n in
+                    by_labels(stack.query(EDGE_BY_ROUTE), "span_name", "http_response_status_code").items()})
+
+
 def test_flood_the_pipeline_answers_right_stays_in_budget_and_counts_recover(compose_limited_stack):
+    """The flood goes where users go, through the edge (Caddy) into the app: the edge must neither drop a
+    connection nor miscount, and its telemetry rides the same collector."""
     stack, budget = compose_limited_stack
     master, workers = gunicorn_processes(stack.app)
+    edge = psutil.Process(stack.edge.process.pid)
     out = stack.run_dir / "flood.json"
     with Sampler(stack, master, workers) as sampler:
         flood = subprocess.run(
-            [sys.executable, "-m", "tooling.flood", stack.app_url, "--seconds", str(FLOOD_SECONDS),
+            [sys.executable, "-m", "tooling.flood", stack.edge_url, "--seconds", str(FLOOD_SECONDS),
              "--max-requests", str(FLOOD_MAX_REQUESTS), "--json", str(out)],
             cwd=REPO_ROOT, capture_output=True, text=True, timeout=FLOOD_SECONDS + 60)
         assert flood.returncode == 0, flood.stderr[-3000:]
@@ -514,7 +528,7 @@ def test_flood_the_pipeline_answers_right_stays_in_budget_and_counts_recover(com
         # Exact again once the flood is over: cumulative OTel counters and the app's own counters.
         def counts():
             return (by_labels(stack.query(OTEL_BY_ROUTE), "http_route", "http_response_status_code"),
-                    by_labels(stack.query(MANUAL_BY_PATH), "path", "status"))
+                    by_labels(stack.query(MANUAL_BY_PATH), "path", "status"), edge_by_path(stack))
 
         def explained(seen: Counter) -> bool:
             # An answer that never arrived may still have been served and counted, and only that.
@@ -522,14 +536,17 @@ def test_flood_the_pipeline_answers_right_stays_in_budget_and_counts_recover(com
 
         flood_ended = time.monotonic()
         recovered = poll(lambda: all(explained(c) for c in counts()), 60,
-                         f"otel and manual counts explained by what the flood sent, {dict(sent)}", 2)
+                         f"otel, manual and edge counts explained by what the flood sent, {dict(sent)}", 2)
         recovery_seconds = time.monotonic() - flood_ended
-        otel, manual = counts()
+        otel, manual, edge_counts = counts()
     # A SERVER span for every request the app served: each answered one (the app ran it), and perhaps some of
     # those written but never answered (the app may have served them before the connection broke). Nothing
     # else reaches the app (Prometheus's /metrics scrapes make no spans), so the count is bracketed exactly.
     unanswered = sum(result.unanswered.values())
-    server_spans = len(poll(lambda: (spans := stack.tempo_sink.server_spans()) and len(spans) >= result.answered
+    def app_server_spans():  # the edge's SERVER spans reach the same sink, as service "edge"
+        return [s for s in stack.tempo_sink.server_spans() if s.resource.get("service.name") == "dice-api"]
+
+    server_spans = len(poll(lambda: (spans := app_server_spans()) and len(spans) >= result.answered
                             and spans, 30, f"a SERVER span for each of the {result.answered} answers") or [])
     # The collector scraped after all of them passed through it (Prometheus scrapes it every 5 s).
     accepted = poll(lambda: (n := scalar(stack, COLLECTOR_ACCEPTED_SPANS) or 0) >= server_spans and n, 20,
@@ -545,7 +562,8 @@ def test_flood_the_pipeline_answers_right_stays_in_budget_and_counts_recover(com
           f"  collector RSS peak {peak / 2**20:.0f} MiB over {len(sampler.rss)} samples vs memory_limiter "
           f"limit {budget['limit'] / 2**20:.0f} MiB ({budget['mem_limit'] / 2**20:.0f} MiB mem_limit); "
           f"deaths {sampler.deaths or 'none'}\n"
-          f"  otel {dict(otel)}\n  manual {dict(manual)}\n  counts {'exact' if recovered else 'NOT exact'} "
+          f"  otel {dict(otel)}\n  manual {dict(manual)}\n  edge {dict(edge_counts)}\n"
+          f"  counts {'exact' if recovered else 'NOT exact'} "
           f"{recovery_seconds:.0f}s after the flood; "
           f"server spans received by the Tempo sink {server_spans} of {result.answered} requests "
           f"({result.answered - server_spans} missing); collector accepted {accepted} spans, "
@@ -562,6 +580,10 @@ def test_flood_the_pipeline_answers_right_stays_in_budget_and_counts_recover(com
     assert len(sampler.rss) >= 2 * FLOOD_SECONDS - 5
     assert peak < budget["limit"], f"collector RSS {peak} over its limit {budget['limit']}"
     assert recovered, f"counts did not recover: sent {dict(sent)}, collector counters {counters}"
+    # With no transport error, "explained" is exact: the edge counted each answer as the flood read it.
+    assert edge_counts == sent, (dict(edge_counts), dict(sent))
+    # The same edge process served it all (the Sampler watched it live throughout).
+    assert stack.edge.process.poll() is None and stack.edge.process.pid == edge.pid and edge.is_running()
     assert result.answered <= server_spans <= result.answered + unanswered, (server_spans, result.answered)
     # The collector refused, failed and dropped nothing: each such counter it exposes is 0. One exception,
     # by design: the service-graph connector holds edges waiting for their other half in a store of
