@@ -27,8 +27,8 @@ COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOTENV_FILE = REPO_ROOT / ".env"
 
 # The services of the stack; `probe` runs the healthchecks the scratch/distroless images cannot.
-SERVICES = {"app", "beyla", "otel-collector", "prometheus", "alertmanager", "tempo", "loki", "pyroscope", "grafana",
-            "locust", "probe"}
+SERVICES = {"app", "edge", "beyla", "otel-collector", "prometheus", "alertmanager", "tempo", "loki", "pyroscope",
+            "grafana", "locust", "probe"}
 
 # Our small Go program around Compose's own loader (compose-go), and where its builds are cached.
 COMPOSE_CONFIG_SRC = REPO_ROOT / "tests" / "compose_config"

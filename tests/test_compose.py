@@ -1,10 +1,11 @@
 """docker-compose.yml and .env, checked without a Docker engine.
 
 The Compose Specification's JSON schema (vendored by check-jsonschema) validates the structure; the
-rest are the rules of this stack: versions from .env, no `latest`, ports bound to BIND_ADDRESS, a
-memory limit and a healthcheck (or a stated reason and a stand-in) for every service, and
-`depends_on` conditions that make `docker compose up -d --wait` mean "ready". Restart policies and
-the values Compose fills in from .env are checked on Compose's own reading (test_compose_loader.py).
+rest are the rules of this stack: versions from .env, no `latest`, only the edge's ports bound to
+BIND_ADDRESS (every other port on loopback), a memory limit and a healthcheck (or a stated reason and
+a stand-in) for every service, and `depends_on` conditions that make `docker compose up -d --wait` mean
+"ready". Restart policies and the values Compose fills in from .env are checked on Compose's own reading
+(test_compose_loader.py).
 """
 
 from __future__ import annotations
@@ -170,21 +171,39 @@ def test_no_latest_anywhere():
     assert not any(value == "latest" for value in dotenv().values())
 
 
-def test_every_published_port_is_bound_to_the_bind_address(services):
-    bind_address = dotenv()["BIND_ADDRESS"]
+# The one service whose published ports follow BIND_ADDRESS: users reach the app and Grafana through it.
+EDGE = "edge"
+
+
+def host_ips(services: dict) -> dict[str, set[str]]:
+    return {name: {port.rsplit(":", 2)[0] for port in service.get("ports", [])} for name, service in services.items()}
+
+
+def test_only_the_edge_follows_the_bind_address(services):
+    # As written: the edge's ports on ${BIND_ADDRESS:-127.0.0.1}, every other one on 127.0.0.1 itself, so that
+    # leaving loopback exposes the edge and nothing behind it (Prometheus, Tempo, Loki, Pyroscope, locust...).
     for name, service in raw_compose()["services"].items():
         for port in service.get("ports", []):
             assert isinstance(port, str), f"{name}: use the short syntax HOST_IP:HOST:CONTAINER ({port!r})"
-            assert port.startswith("${BIND_ADDRESS:-127.0.0.1}:"), f"{name}: {port} is not bound to BIND_ADDRESS"
-    for name, service in services.items():
-        for port in service.get("ports", []):
-            host_ip, host_port, container_port = port.split(":")
-            assert host_ip == bind_address, f"{name}: {port}"
-    # And without .env (or with BIND_ADDRESS unset) the default is loopback, not every interface.
-    env = {key: value for key, value in dotenv().items() if key != "BIND_ADDRESS"}
-    for name, service in compose(env)["services"].items():
-        for port in service.get("ports", []):
-            assert port.startswith("127.0.0.1:"), f"{name}: {port}"
+            bound = "${BIND_ADDRESS:-127.0.0.1}:" if name == EDGE else "127.0.0.1:"
+            assert port.startswith(bound), f"{name}: {port} is not bound to {bound.rstrip(':')}"
+    assert raw_compose()["services"][EDGE].get("ports"), "the edge publishes nothing"
+    # As Compose fills it in: with .env, with BIND_ADDRESS off loopback, and without it (loopback by default).
+    env = dotenv()
+    without = {key: value for key, value in env.items() if key != "BIND_ADDRESS"}
+    for given, edge_ip in ((env, env["BIND_ADDRESS"]), ({**env, "BIND_ADDRESS": "0.0.0.0"}, "0.0.0.0"),
+                           ({**env, "BIND_ADDRESS": "192.168.1.20"}, "192.168.1.20"), (without, "127.0.0.1")):
+        found = host_ips(compose(given)["services"])
+        assert found.pop(EDGE) == {edge_ip}, given.get("BIND_ADDRESS")
+        assert all(ips <= {"127.0.0.1"} for ips in found.values()), (given.get("BIND_ADDRESS"), found)
+
+
+def test_grafana_is_published_by_the_edge_alone(services):
+    # Grafana's own container port is on the compose network only; its host port is the edge's listener.
+    assert not services["grafana"].get("ports"), "grafana publishes a port of its own, past the edge"
+    assert "3000" in [str(port) for port in services["grafana"]["expose"]]
+    published = raw_compose()["services"][EDGE]["ports"]
+    assert any("${GRAFANA_PORT:" in port for port in published), published
 
 
 def test_every_service_has_a_memory_limit(services):
@@ -236,7 +255,11 @@ def test_every_service_an_app_needs_is_waited_for(services):
     app_needs = set(services["app"]["depends_on"])
     assert {"probe", "pyroscope"} <= app_needs
     assert set(services["grafana"]["depends_on"]) >= {"prometheus", "pyroscope", "loki", "probe"}
-    assert "app" in services["locust"]["depends_on"]
+    # The edge proxies to the app and sends its spans to the collector (probe); locust calls the app through
+    # the edge and sends to the collector too. The edge does not wait for Grafana: the app's front door must
+    # not depend on the dashboards (docker-compose.yml).
+    assert set(services[EDGE]["depends_on"]) == {"app", "probe"}
+    assert set(services["locust"]["depends_on"]) == {EDGE, "probe"}
 
 
 def test_backends_keep_their_data_in_named_volumes(services):

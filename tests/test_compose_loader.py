@@ -176,11 +176,29 @@ def test_depends_on_an_undefined_service_is_rejected(project_copy):
 
 
 def test_the_shell_environment_wins_over_dotenv():
-    # As in `BIND_ADDRESS=0.0.0.0 docker compose up`: the documented way to expose the stack.
-    exposed = compose_config(env={"BIND_ADDRESS": "0.0.0.0"})
-    for name, ips in port_host_ips(exposed).items():
-        assert all(ip == "0.0.0.0" for ip in ips), f"{name} publishes on {ips}"
+    # As in `BIND_ADDRESS=0.0.0.0 docker compose up`: the documented way to expose the stack, which exposes
+    # the edge (the app as users call it, and Grafana) and nothing else. The edge's refusal check
+    # (edge/entrypoint.sh) is given the same value, and anonymous viewing as Grafana is given it.
+    exposed = compose_config(env={"BIND_ADDRESS": "0.0.0.0", "GRAFANA_ANONYMOUS_ENABLED": "false"})
+    ips = port_host_ips(exposed)
+    assert ips.pop("edge") == ["0.0.0.0", "0.0.0.0"]
+    for name, found in ips.items():
+        assert all(ip == "127.0.0.1" for ip in found), f"{name} publishes on {found}"
+    edge, grafana = exposed["services"]["edge"]["environment"], exposed["services"]["grafana"]["environment"]
+    assert edge["BIND_ADDRESS"] == "0.0.0.0"
+    assert edge["GRAFANA_ANONYMOUS_ENABLED"] == grafana["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
     assert compose_environment(env={"BIND_ADDRESS": "0.0.0.0"})["BIND_ADDRESS"] == "0.0.0.0"
+
+
+def test_an_ipv6_loopback_needs_brackets():
+    # What README and .env can promise about BIND_ADDRESS's forms: Compose takes [::1] (and hands the edge's
+    # check the bracketed form, which edge/entrypoint.sh knows as loopback), and rejects ::1 and host names.
+    bracketed = compose_config(env={"BIND_ADDRESS": "[::1]"})
+    assert port_host_ips(bracketed)["edge"] == ["::1", "::1"]
+    assert bracketed["services"]["edge"]["environment"]["BIND_ADDRESS"] == "[::1]"
+    for rejected in ("::1", "localhost"):
+        with pytest.raises(ComposeConfigError, match="Invalid ip address"):
+            compose_config(env={"BIND_ADDRESS": rejected})
 
 
 def test_beyla_can_be_left_out_with_its_scale(project):
@@ -255,15 +273,18 @@ def test_a_restart_policy_typo_is_caught(project_copy):
 
 
 def test_a_host_port_changes_from_the_shell_without_touching_the_container_port(project):
+    # GRAFANA_PORT is the edge's Grafana listener: Grafana itself publishes nothing.
     moved = compose_config(env={"GRAFANA_PORT": "13000", "APP_PORT": "15000"})
     ports = {name: [(p["published"], p["target"]) for p in s.get("ports", [])] for name, s in moved["services"].items()}
-    assert ports["grafana"] == [("13000", 3000)]
+    env = dotenv()
+    assert ports["edge"] == [(env["EDGE_PORT"], 8080), ("13000", 3000)]
     assert ports["app"] == [("15000", 5000)]
     before = {name: [(p["published"], p["target"]) for p in s.get("ports", [])]
               for name, s in project["services"].items()}
-    assert {k: v for k, v in ports.items() if k not in ("grafana", "app")} == {
-        k: v for k, v in before.items() if k not in ("grafana", "app")}
-    assert before["grafana"] == [(dotenv()["GRAFANA_PORT"], 3000)]
+    assert {k: v for k, v in ports.items() if k not in ("edge", "app")} == {
+        k: v for k, v in before.items() if k not in ("edge", "app")}
+    assert before["edge"] == [(env["EDGE_PORT"], 8080), (env["GRAFANA_PORT"], 3000)]
+    assert before["grafana"] == ports["grafana"] == []
 
 
 def test_a_missing_port_variable_stops_compose_naming_it(project_copy):

@@ -4,8 +4,9 @@
   renamed service or moved port fails here instead of showing "No data" after `docker compose up`.
 - Each image version is stated once, in .env (two tied copies are checked by tests).
 - Each published port is the port its service listens on (its `expose` list) inside, and on the host
-  the port that one .env variable names, by default the same number; the services' settings are not
-  restated as environment variables in docker-compose.yml.
+  the port that one .env variable names, by default the same number, on BIND_ADDRESS for the edge and on
+  loopback for every other service; the services' settings are not restated as environment variables in
+  docker-compose.yml.
 - Each service's files live in the folder named like the service.
 """
 
@@ -26,10 +27,13 @@ ADDRESS = re.compile(r"(?<![\w.-])(?P<host>[a-z][a-z0-9-]*|\d{1,3}(?:\.\d{1,3}){
 # Addresses that mean "this container" in the file of the service that owns it.
 OWN_HOST = {"localhost", "127.0.0.1", "0.0.0.0"}
 
-# A published port as written: BIND_ADDRESS, then the host port from one .env variable (required, as
-# the versions are), then the container port as a plain number.
+# A published port as written: its host address (BIND_ADDRESS for the edge, loopback for every other service,
+# test_compose.py says which), then the host port from one .env variable (required, as the versions are),
+# then the container port as a plain number.
+BIND_ADDRESS = "${BIND_ADDRESS:-127.0.0.1}"
 PUBLISHED_PORT = re.compile(
-    r"\$\{BIND_ADDRESS:-127\.0\.0\.1\}:\$\{(?P<variable>[A-Z][A-Z0-9_]*_PORT):\?[^}]*\}:(?P<target>\d+)"
+    r"(?P<host>\$\{BIND_ADDRESS:-127\.0\.0\.1\}|127\.0\.0\.1):\$\{(?P<variable>[A-Z][A-Z0-9_]*_PORT):\?[^}]*\}:"
+    r"(?P<target>\d+)"
 )
 
 # Copies of a version outside .env that a test keeps equal to it.
@@ -49,6 +53,7 @@ TIED_VERSION_COPIES = {
     "PROMETHEUS_VERSION": {K8S_IMAGES},
     "ALERTMANAGER_VERSION": {K8S_IMAGES},
     "GRAFANA_VERSION": {K8S_IMAGES},
+    "CADDY_VERSION": {K8S_IMAGES},
 }
 
 # Versions of other things that happen to equal a .env version (coincidences, not copies): (key, file) -> the
@@ -120,6 +125,8 @@ def test_every_address_in_the_configs_is_provided_by_a_service(services):
         "loki/loki-config.yaml",
         "pyroscope/pyroscope-config.yaml",
         "beyla/beyla-config.yaml",
+        "edge/caddy-config.json",
+        "edge/edge.env",
         "locustfile.py",
     } <= scanned
 
@@ -178,33 +185,33 @@ def test_tied_version_copies_equal_dotenv():
     assert pinned and pinned.group(1) == env["LOCUST_VERSION"], "locust in requirements-dev.txt != LOCUST_VERSION"
 
 
-def published_ports() -> dict[str, list[tuple[str, int]]]:
-    """(host port variable, container port) of every published port, by service, as written."""
+def published_ports() -> dict[str, list[tuple[str, int, str]]]:
+    """(host port variable, container port, host address as written) of every published port, by service."""
     found = {}
     for name, service in raw_compose()["services"].items():
         for port in service.get("ports", []):
             match = PUBLISHED_PORT.fullmatch(str(port))
-            assert match, f"{name}: {port!r} is not ${{BIND_ADDRESS:-127.0.0.1}}:${{X_PORT:?...}}:PORT"
-            found.setdefault(name, []).append((match["variable"], int(match["target"])))
+            assert match, f"{name}: {port!r} is not {BIND_ADDRESS} or 127.0.0.1, then :${{X_PORT:?...}}:PORT"
+            found.setdefault(name, []).append((match["variable"], int(match["target"]), match["host"]))
     return found
 
 
 def test_every_published_port_is_a_port_the_service_listens_on(services):
     for name, ports in published_ports().items():
-        for _, target in ports:
+        for _, target, _ in ports:
             assert target in service_ports(services[name]), f"{name}: publishes {target} but does not expose it"
 
 
 def test_every_host_port_comes_from_its_own_dotenv_variable(services):
     env = dotenv()
-    variables = [variable for ports in published_ports().values() for variable, _ in ports]
+    variables = [variable for ports in published_ports().values() for variable, _, _ in ports]
     assert variables, "no published ports found"
     assert len(variables) == len(set(variables)), f"a port variable is used twice: {sorted(variables)}"
     # Every *_PORT in .env is a published port (an unused one would be a setting that does nothing).
     assert set(variables) == {key for key in env if key.endswith("_PORT")}
     host_ports = []
     for name, ports in published_ports().items():
-        for variable, target in ports:
+        for variable, target, host in ports:
             assert re.fullmatch(r"[1-9]\d{0,4}", env[variable]) and int(env[variable]) <= 65535, (
                 f"{variable}={env[variable]!r} in .env is not a port")
             # By default the host port is the number the service listens on: the README's URLs, the
@@ -213,15 +220,17 @@ def test_every_host_port_comes_from_its_own_dotenv_variable(services):
             host_ports.append(int(env[variable]))
             # And what Compose publishes is that variable, with the container side untouched.
             interpolated = [p for p in services[name]["ports"] if p.endswith(f":{target}")]
-            assert interpolated == [f"{env['BIND_ADDRESS']}:{env[variable]}:{target}"], name
+            host_ip = env["BIND_ADDRESS"] if host == BIND_ADDRESS else host
+            assert interpolated == [f"{host_ip}:{env[variable]}:{target}"], name
     assert len(host_ports) == len(set(host_ports)), "a host port is published twice"
 
 
 def test_a_changed_host_port_changes_only_the_host_side():
+    # GRAFANA_PORT is the edge's Grafana listener (container port 3000, as Grafana's own).
     env = {**dotenv(), "GRAFANA_PORT": "13000"}
-    grafana = compose(env)["services"]["grafana"]
-    assert grafana["ports"] == [f"{env['BIND_ADDRESS']}:13000:3000"]
-    assert "3000" in [str(port) for port in grafana["expose"]]
+    edge = compose(env)["services"]["edge"]
+    assert edge["ports"] == [f"{env['BIND_ADDRESS']}:{env['EDGE_PORT']}:8080", f"{env['BIND_ADDRESS']}:13000:3000"]
+    assert "3000" in [str(port) for port in edge["expose"]]
 
 
 def test_the_native_stack_listens_on_the_default_host_ports():
@@ -231,6 +240,7 @@ def test_the_native_stack_listens_on_the_default_host_ports():
     fixed = StackPorts.fixed()
     env = dotenv()
     assert int(env["APP_PORT"]) == fixed.app
+    assert int(env["EDGE_PORT"]) == fixed.edge
     assert int(env["PROMETHEUS_PORT"]) == fixed.prometheus
     assert int(env["ALERTMANAGER_PORT"]) == fixed.alertmanager
     assert int(env["OTEL_COLLECTOR_METRICS_PORT"]) == fixed.collector_metrics
@@ -239,13 +249,29 @@ def test_the_native_stack_listens_on_the_default_host_ports():
     assert int(env["LOKI_PORT"]) == fixed.loki_sink
 
 
+# The edge's `environment` holds none of its settings (edge/caddy-config.json, edge/edge.env): the two .env
+# values its refusal check reads (edge/entrypoint.sh), and where caddy keeps its scratch files on a read-only
+# root, both compose-only.
+EDGE_CHECK_INPUTS = {"BIND_ADDRESS", "GRAFANA_ANONYMOUS_ENABLED"}
+EDGE_SCRATCH = {"XDG_CONFIG_HOME", "XDG_DATA_HOME"}
+
+
 def test_settings_are_not_restated_as_environment_variables(services):
     # The app's settings live in app/app.env; the other services read their config files. Only
-    # Grafana is configured by environment (GF_*), so only Grafana has an `environment` section.
+    # Grafana is configured by environment (GF_*), so only Grafana has an `environment` section, besides the
+    # edge's pass-through of .env values and its scratch directories.
     for name, service in services.items():
-        if name != "grafana":
+        if name not in ("grafana", "edge"):
             assert not service.get("environment"), f"{name}: settings belong in its config file or env_file"
     assert all(key.startswith("GF_") for key in services["grafana"]["environment"])
+    edge = raw_compose()["services"]["edge"]["environment"]
+    assert set(edge) == EDGE_CHECK_INPUTS | EDGE_SCRATCH, sorted(edge)
+    for key in EDGE_CHECK_INPUTS:
+        # Passed through under its own name, not a value of its own.
+        assert re.fullmatch(rf"\$\{{{key}(:-[^}}]*)?\}}", edge[key]), f"edge: {key}: {edge[key]}"
+    tmpfs = services["edge"]["tmpfs"]
+    for key in EDGE_SCRATCH:
+        assert any(edge[key].startswith(mount.rstrip("/") + "/") for mount in tmpfs), f"edge: {key} is not on a tmpfs"
 
 
 def test_each_service_mounts_files_from_its_own_folder(services):
@@ -305,7 +331,8 @@ def test_the_image_installs_the_app_and_the_hooks_and_nothing_else_of_ours():
     # instrumentation/ is the hooks package and nothing else: no tooling, no sinks, no builds.
     modules = {p.relative_to(REPO_ROOT / "instrumentation").as_posix()
                for p in (REPO_ROOT / "instrumentation").rglob("*.py")}
-    assert modules == {"zerocode/__init__.py", "zerocode/profiling.py", "zerocode/flask_errors.py"}
+    assert modules == {"zerocode/__init__.py", "zerocode/profiling.py", "zerocode/flask_errors.py",
+                       "zerocode/latency.py"}
 
 
 def test_each_package_declares_what_it_imports():

@@ -3,7 +3,9 @@
 Shared by the compose test (test_stack.py) and the Kubernetes one (test_kind.py), so that both hold the
 same claims with the same numbers: each source's count per route and status against a known load, the
 recording rules, Tempo's search, Loki's records and their trace ids, Pyroscope's profiles and span
-profiles, Grafana's datasources and dashboards. Each deployment only says where the backends answer.
+profiles, Grafana's datasources and dashboards. Each deployment only says where the backends answer, and
+whether the load goes through the edge (then the edge is a source too, and a trace links its spans to the
+app's).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from stackfiles import EXPECTED_STATUS, REPO_ROOT, dashboard_panels, with_source
 from tooling.native import poll
 
 SERVICE = "dice-api"
+# The edge's service.name (edge/edge.env): its SERVER span is the user's request, its CLIENT span the hop
+# into the app (the collector re-kinds the span Caddy marks edge.hop=upstream).
+EDGE_SERVICE = "edge"
 CPU_PROFILE = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
 VIEW_FUNCTION = "roll_dice"
 DATASOURCE_UIDS = ("prometheus", "tempo", "loki", "pyroscope")
@@ -32,6 +37,10 @@ DATASOURCE_UIDS = ("prometheus", "tempo", "loki", "pyroscope")
 MAY_BE_EMPTY = {"slo": ("Alerts firing or pending now, with their runbooks",)}
 # The known load: every route, the error route and unknown paths (one series, `/**`, for all of them).
 PLAN = ["/"] * 1500 + ["/health"] * 100 + ["/fail"] * 100 + [f"/no-such-page-{i}" for i in range(50)]
+# Sent to the app's own port beside the plan, when the plan goes through the edge: every in-process and eBPF
+# source counts these, the edge must not. /health only, which the app does not log, so Loki's counts of the
+# plan's records stay exact.
+PAST_THE_EDGE = ["/health"] * 40
 
 
 def why_no_docker() -> str | None:
@@ -130,14 +139,18 @@ def last_minutes_ms(minutes: int = 30) -> dict[str, int]:
 
 
 def send_known_load(backends: Backends, apps: list[str], beyla: bool, locust_host: str,
-                    breakdown: Callable[[], object] | None = None) -> dict:
+                    breakdown: Callable[[], object] | None = None, past_the_edge: str | None = None) -> dict:
     """A known load, alone: locust's background load is stopped, every source has reached a steady
     count (Beyla included, which attaches 10-30 s after the stack is ready), and the increase of each
     source is taken against that. The plan goes round-robin to `apps` (one URL per app instance, so every
     instance gets its share). Returns what was sent per (route, status), in all and per app URL, what each
     source counted, and the time window of the load; locust's background load runs again afterwards, so
     the dashboards have data. `breakdown`, if given, is read twice: once the counts stand still before the
-    load, and at the instant every source has counted it (for counts of a finer grain, such as per pod)."""
+    load, and at the instant every source has counted it (for counts of a finer grain, such as per pod).
+
+    `past_the_edge`, the app's own URL, says that `apps` are the edge's: the edge is then a source that must
+    count exactly the plan, and PAST_THE_EDGE also goes to the app's own port, which every other source
+    counts on top of the plan and the edge must not (it counts what users sent through it, nothing else)."""
     from tooling.compare import difference, take_snapshot
 
     requests.post(f"{backends.locust}/stop", timeout=10).raise_for_status()
@@ -169,8 +182,11 @@ def send_known_load(backends: Backends, apps: list[str], beyla: bool, locust_hos
     started = time.time()
     with ThreadPoolExecutor(max_workers=4) as pool:
         answers = list(pool.map(send, enumerate(PLAN)))
+        direct = [] if past_the_edge is None else list(pool.map(
+            lambda path: (path, requests.get(past_the_edge + path, timeout=10).status_code), PAST_THE_EDGE))
     finished = time.time()
     wrong = [(path, status) for _, path, status in answers if status != EXPECTED_STATUS.get(path, 404)]
+    wrong += [(f"{past_the_edge}{path}", status) for path, status in direct if status != EXPECTED_STATUS[path]]
     assert not wrong, f"unexpected answers from the app: {wrong[:10]}"
 
     def route(path: str) -> str:
@@ -178,27 +194,31 @@ def send_known_load(backends: Backends, apps: list[str], beyla: bool, locust_hos
 
     sent = Counter((route(path), str(status)) for _, path, status in answers)
     sent_by_app = {app: Counter((route(p), str(s)) for which, p, s in answers if apps[which] == app) for app in apps}
-    sources = ["otel", "manual"] + (["ebpf"] if beyla else [])
+    sent_direct = Counter((route(path), str(status)) for path, status in direct)
+    sources = ["otel", "manual"] + (["ebpf"] if beyla else []) + (["edge"] if past_the_edge else [])
+    # What each source must count: the edge what came through it, the others everything the app answered.
+    expected = {source: sent if source == "edge" else sent + sent_direct for source in sources}
 
     def increases():
         diff = difference(take_snapshot(backends.prometheus), before)
         seen = {source: diff.counts.get(source, Counter()) for source in sources}
-        if not all(seen[source] == sent for source in sources):
+        if not all(seen[source] == expected[source] for source in sources):
             return None
         if breakdown:
             breakdowns.append(breakdown())
         return seen
 
     try:
-        counted = poll(increases, 180, f"each of {sources} counting exactly what was sent, {dict(sent)}",
+        counted = poll(increases, 180, f"each of {sources} counting exactly what was sent, {dict(sent)}"
+                       + (f", plus {dict(sent_direct)} past the edge (not counted by the edge)" if direct else ""),
                        interval=5)
     finally:
         requests.post(f"{backends.locust}/swarm", data={"user_count": 5, "spawn_rate": 1, "host": locust_host},
                       timeout=10)
     # The window of the known load, for the sources that are read by time (Loki): every request was
     # answered between these two instants, and the app logged it while answering.
-    return {"sent": sent, "sent_by_app": sent_by_app, "counted": counted, "sources": sources,
-            "window": (started, finished), "breakdown": tuple(breakdowns)}
+    return {"sent": sent, "sent_by_app": sent_by_app, "sent_direct": sent_direct, "expected": expected,
+            "counted": counted, "sources": sources, "window": (started, finished), "breakdown": tuple(breakdowns)}
 
 
 # --- metrics -----------------------------------------------------------------------------------------
@@ -206,10 +226,16 @@ def send_known_load(backends: Backends, apps: list[str], beyla: bool, locust_hos
 
 def every_source_counts_what_was_sent(load: dict) -> None:
     # send_known_load already waited for equality; this states the claim and shows the numbers.
-    print(f"\nsent {dict(load['sent'])}")
+    direct = f", past the edge {dict(load['sent_direct'])}" if load["sent_direct"] else ""
+    print(f"\nsent {dict(load['sent'])}{direct}")
     for source, counts in load["counted"].items():
         print(f"{source:7} {dict(counts)}")
-        assert counts == load["sent"], source
+        assert counts == load["expected"][source], source
+    if "edge" in load["counted"]:
+        # The edge counts what users sent through it: the plan, not the requests to the app's own port.
+        assert load["counted"]["edge"] == load["sent"]
+        for source in set(load["counted"]) - {"edge"}:
+            assert load["counted"][source] - load["counted"]["edge"] == load["sent_direct"], source
 
 
 def recording_rule_rows(backends: Backends, sources: list[str]) -> None:
@@ -228,11 +254,59 @@ GET_ROOT = f'{{ resource.service.name = "{SERVICE}" && span.http.route = "/" && 
 FAIL_ERROR = f'{{ resource.service.name = "{SERVICE}" && span.http.route = "/fail" && status = error }}'
 
 
-def tempo_finds_a_get_root_trace(backends: Backends) -> list[dict]:
+def tempo_finds_a_get_root_trace(backends: Backends, roots: tuple[str, ...] = (SERVICE,)) -> list[dict]:
+    """`roots`: the services a GET / trace may start at (the app's own, or the edge in front of it; locust's
+    background load starts its own traces, as `locust`)."""
     traces = poll(lambda: backends.tempo_search(GET_ROOT), 180, f"Tempo search {GET_ROOT}", interval=5)
     assert any(trace.get("rootTraceName") == "GET /" for trace in traces), [t.get("rootTraceName") for t in traces]
-    assert all(trace.get("rootServiceName") == SERVICE for trace in traces)
+    assert {trace.get("rootServiceName") for trace in traces} <= set(roots), [t.get("rootServiceName") for t in traces]
     return traces
+
+
+# The edge's hop into the app, and the app's SERVER span under it (TraceQL's structural `>`: parent of).
+EDGE_TO_APP = (f'{{ resource.service.name = "{EDGE_SERVICE}" && kind = client }} > '
+               f'{{ resource.service.name = "{SERVICE}" && kind = server && span.http.route = "/" }}')
+SPAN_KINDS = {2: "SPAN_KIND_SERVER", 3: "SPAN_KIND_CLIENT"}  # OTLP's enum, when a JSON encoder writes numbers
+
+
+def trace_spans(trace: dict) -> list[dict]:
+    """Every span of a trace as Tempo's API returns it (OTLP JSON: `batches` of /api/traces, or the
+    `resourceSpans` of /api/v2/traces), each with its resource's service.name and its kind by name."""
+    resource_spans = trace.get("batches") or trace.get("resourceSpans") or trace.get("trace", {}).get("resourceSpans")
+    spans = []
+    for resource in resource_spans or []:
+        service = next(attribute_values(resource.get("resource", {}), "service.name"), None)
+        for scope in resource.get("scopeSpans") or resource.get("instrumentationLibrarySpans") or []:
+            for span in scope.get("spans", []):
+                kind = span.get("kind")
+                spans.append({**span, "service": service, "kind": SPAN_KINDS.get(kind, kind),
+                              "parentSpanId": span.get("parentSpanId") or span.get("parent_span_id") or "",
+                              "spanId": span.get("spanId") or span.get("span_id")})
+    return spans
+
+
+def the_apps_server_span_is_a_child_of_the_edges(backends: Backends) -> None:
+    """In a trace of GET / through the edge: the app's SERVER span's parent is the edge's CLIENT span (its hop,
+    edge.hop=upstream), whose parent is the edge's SERVER span for route / (what the user waited for)."""
+    def linked():
+        for found in backends.tempo_search(EDGE_TO_APP, limit=10):
+            detail = backends.trace(found["traceID"])
+            spans = trace_spans(detail) if detail else []
+            by_id = {span["spanId"]: span for span in spans}
+            for app in [s for s in spans if s["service"] == SERVICE and s["kind"] == "SPAN_KIND_SERVER"]:
+                hop = by_id.get(app["parentSpanId"])
+                if hop and hop["service"] == EDGE_SERVICE and hop["kind"] == "SPAN_KIND_CLIENT":
+                    return app, hop, by_id.get(hop["parentSpanId"])
+        return None
+
+    app, hop, user = poll(linked, 180, f"a trace where {EDGE_TO_APP}", interval=5)
+    assert "upstream" in attribute_values(hop, "edge.hop"), hop
+    assert user and user["service"] == EDGE_SERVICE and user["kind"] == "SPAN_KIND_SERVER", user
+    assert "/" in attribute_values(user, "http.route") and user["name"] == "GET /", user
+    # The hop lies inside the user's request, and the app's span inside the hop: the edge's clock includes the app's.
+    for outer, inner in ((user, hop), (hop, app)):
+        assert int(outer["startTimeUnixNano"]) <= int(inner["startTimeUnixNano"]), (outer, inner)
+        assert int(inner["endTimeUnixNano"]) <= int(outer["endTimeUnixNano"]), (outer, inner)
 
 
 def tempo_finds_an_error_trace_for_fail(backends: Backends) -> None:
@@ -352,6 +426,39 @@ def prometheus_sends_alerts_to_the_alertmanager(backends: Backends, url: str, ve
 
 
 # --- Grafana -----------------------------------------------------------------------------------------
+
+# Caddy's own metrics of the edge's Grafana listener (server "grafana" in edge/caddy-config.json; seen on the
+# caddy of CADDY_VERSION: caddy_http_request_duration_seconds_count{server, handler, code, method}).
+GRAFANA_AT_THE_EDGE = 'sum(caddy_http_request_duration_seconds_count{server="grafana", code="200"})'
+
+
+def grafana_answers_through_the_edge(backends: Backends, requests_sent: int = 20) -> None:
+    """backends.grafana is the edge's Grafana listener: Grafana answers there, and the edge counts exactly
+    those answers on that listener. Nothing else calls Grafana through the edge meanwhile: its healthcheck
+    runs inside its own container, and no browser is open."""
+    def total() -> float:
+        rows = backends.prometheus_query(GRAFANA_AT_THE_EDGE)
+        return float(rows[0]["value"][1]) if rows else 0.0
+
+    def steady():
+        # Two reads a scrape or more apart that agree (the edge's job is scraped every 15 s at most).
+        first = total()
+        time.sleep(20)
+        second = total()
+        return (second,) if first == second else None
+
+    (before,) = poll(steady, 120, f"{GRAFANA_AT_THE_EDGE} standing still", interval=1)
+    for _ in range(requests_sent):
+        response = requests.get(f"{backends.grafana}/api/health", timeout=10)
+        assert response.status_code == 200 and response.json().get("database") == "ok", response.text[:300]
+
+    def counted():
+        seen = total() - before
+        assert seen <= requests_sent, f"the edge counted {seen} Grafana answers, {requests_sent} were asked"
+        return seen == requests_sent
+
+    poll(counted, 90, f"the edge counting the {requests_sent} Grafana answers on its grafana listener", interval=5)
+
 
 
 def grafana_datasources_are_healthy(backends: Backends) -> None:
