@@ -245,6 +245,8 @@ def test_the_layout_holds_exactly_the_compose_pins_and_the_hooks(layout):
     # The hooks are registered where sitecustomize's initialize() looks for them.
     entry_points = (layout / f"zerocode-{project['version']}.dist-info" / "entry_points.txt").read_text()
     assert "[opentelemetry_post_instrument]" in entry_points
+    # ... and the configurator that gives the SDK's HTTP histogram its fine buckets (OTEL_PYTHON_CONFIGURATOR).
+    assert "[opentelemetry_configurator]" in entry_points and "zerocode = zerocode.latency:Configurator" in entry_points
 
 
 @pytest.mark.integration

@@ -493,6 +493,49 @@ def test_the_api_server_accepts_every_rendered_object(cluster, render, tmp_path)
           "\n".join(names))
 
 
+def pod_of(workload: dict) -> dict:
+    """The Pod a workload's controller would create (no controller runs here): its template, with each volume
+    claim of a StatefulSet as the claim of its first replica."""
+    template = copy.deepcopy(workload["spec"]["template"])
+    name = workload["metadata"]["name"]
+    for claim in workload["spec"].get("volumeClaimTemplates", []):
+        claim_name = claim["metadata"]["name"]
+        template["spec"].setdefault("volumes", []).append(
+            {"name": claim_name, "persistentVolumeClaim": {"claimName": f"{claim_name}-{name}-0"}})
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {**template["metadata"], "name": f"{name}-0", "namespace": workload["metadata"]["namespace"]},
+            "spec": template["spec"]}
+
+
+@pytest.mark.integration
+def test_pod_security_admits_the_pod_of_every_workload(cluster, render):
+    """Pod Security admission enforces a namespace's standard on Pods only: the dry run above sends
+    Deployments, StatefulSets and a DaemonSet, which it lets through. So the Pod each of them would make is
+    created with --dry-run=server: in dice-observability ("restricted") every one must pass, the edge with
+    the one capability restricted allows (NET_BIND_SERVICE, which its caddy binary carries as a file
+    capability); Beyla's in its "privileged" namespace."""
+    objects = documents(render(K8S_DIR))
+    cluster.ensure_namespaces(objects)
+    namespaces = {o["metadata"]["name"]: o["metadata"]["labels"] for o in objects if o["kind"] == "Namespace"}
+    assert namespaces["dice-observability"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    # The ServiceAccount admission plugin refuses a Pod whose account does not exist: store them for real.
+    accounts = [o for o in objects if o["kind"] == "ServiceAccount"]
+    cluster.kubectl_ok("apply", "-f", "-", input=yaml.safe_dump_all(accounts))
+    pods = [pod_of(o) for o in objects if o["kind"] in ("Deployment", "StatefulSet", "DaemonSet")]
+    assert "edge" in {pod["metadata"]["labels"].get("app.kubernetes.io/name") for pod in pods}
+    result = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=yaml.safe_dump_all(pods))
+    assert result.returncode == 0, f"the API server (Pod Security admission) refused Pods of k8s/:\n{result.stderr}"
+    accepted = json_objects(result.stdout)
+    assert sorted((p["metadata"]["namespace"], p["metadata"]["name"]) for p in accepted) == \
+        sorted((p["metadata"]["namespace"], p["metadata"]["name"]) for p in pods)
+    (edge,) = [p for p in accepted if p["metadata"]["labels"].get("app.kubernetes.io/name") == "edge"]
+    assert edge["metadata"]["namespace"] == "dice-observability"
+    assert edge["spec"]["containers"][0]["securityContext"]["capabilities"] == {
+        "drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}
+    print(f"Pod Security admitted {len(accepted)} Pods: " +
+          ", ".join(sorted(f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in accepted)))
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("fixture", sorted(BROKEN))
 def test_the_api_server_refuses_the_broken_fixtures(cluster, fixture):

@@ -3,8 +3,9 @@
 The generated files must equal what `python -m tooling.k8s_render` makes of the compose stack's files,
 every image tag must come from .env, every workload must be bounded, probed and (Beyla aside) non-root,
 the app must run its owners' image and command with no OpenTelemetry in it, the Instrumentation must
-carry app/app.env with only addresses changed, and Prometheus must scrape the same jobs, with the same
-telemetry_source labels and relabelling, through Kubernetes discovery. The rendering is
+carry app/app.env with only addresses changed, the edge must be compose's (config, settings, user,
+capabilities, listeners) in front of the app with locust calling it, and Prometheus must scrape the same
+jobs, with the same telemetry_source labels and relabelling, through Kubernetes discovery. The rendering is
 tooling.k8s_render.kustomize_build (checked against a real `kubectl kustomize` where one is found);
 the API server and kubeconform checks live in tests/test_k8s.py.
 """
@@ -25,6 +26,7 @@ import yaml
 
 from tooling import k8s_render
 from tooling.collector import MODULE_TYPES, config_components, k8s_collector_configs, load_manifest, manifest_modules
+from tooling.edge import APP_SERVER, load_config, upstream_dials
 from tooling.envfile import load_env_file
 
 pytestmark = pytest.mark.unit
@@ -152,7 +154,7 @@ def test_the_renderer_follows_its_sources(tmp_path):
     for name in (".env", "docker-compose.yml", "locustfile.py"):
         shutil.copy(REPO_ROOT / name, root / name)
     for folder in ("app", "prometheus", "otel-collector", "beyla", "tempo", "loki", "pyroscope", "alertmanager",
-                   "grafana", "locust"):
+                   "grafana", "locust", "edge"):
         shutil.copytree(REPO_ROOT / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     (root / "instrumentation").mkdir()
     shutil.copy(REPO_ROOT / "instrumentation" / "pyproject.toml", root / "instrumentation" / "pyproject.toml")
@@ -284,7 +286,7 @@ def test_no_version_is_written_by_hand_in_k8s(dotenv):
 
 def test_every_workload_has_requests_limits_and_a_readiness_probe(objects):
     assert {w["metadata"]["name"] for w in workloads(objects)} == {
-        "dice-api", "otel-collector", "locust-master", "locust-worker", "beyla", *BACKENDS}
+        "dice-api", "edge", "otel-collector", "locust-master", "locust-worker", "beyla", *BACKENDS}
     for workload in workloads(objects):
         for container in pod_spec(workload)["containers"]:
             where = f"{workload['metadata']['name']}/{container['name']}"
@@ -296,11 +298,22 @@ def test_every_workload_has_requests_limits_and_a_readiness_probe(objects):
             assert "readinessProbe" in container, f"{where}: no readiness probe"
 
 
-def test_every_workload_but_beyla_runs_non_root_without_privileges(objects):
+def compose_service_of(workload_name: str) -> str:
+    """The compose service a workload of k8s/ runs (locust's master and workers are compose's locust)."""
+    renamed = {k8s_render.service_name(s): s for s in k8s_render.compose()["services"]}
+    return "locust" if workload_name.startswith("locust-") else renamed.get(workload_name, workload_name)
+
+
+def test_every_workload_but_beyla_runs_non_root_without_privileges(objects, compose):
     for workload in workloads(objects):
         name = workload["metadata"]["name"]
         if name == "beyla":
             continue
+        # Capabilities: none, but what compose's service adds back (the edge: NET_BIND_SERVICE, which the
+        # caddy binary carries as a file capability), and never more than Pod Security "restricted" allows.
+        added = compose["services"][compose_service_of(name)].get("cap_add", [])
+        assert set(added) <= {"NET_BIND_SERVICE"}, f"{name}: compose adds {added}, which restricted refuses"
+        expected_capabilities = {"drop": ["ALL"], **({"add": added} if added else {})}
         spec = pod_spec(workload)
         pod = spec["securityContext"]
         assert pod["runAsNonRoot"] is True and pod["runAsUser"] > 0, name
@@ -310,7 +323,7 @@ def test_every_workload_but_beyla_runs_non_root_without_privileges(objects):
         for container in containers(workload):
             context = container["securityContext"]
             assert context["allowPrivilegeEscalation"] is False, name
-            assert context["capabilities"] == {"drop": ["ALL"]}, name
+            assert context["capabilities"] == expected_capabilities, name
             assert not context.get("privileged") and context.get("runAsUser", 1) != 0, name
             assert bool(context.get("readOnlyRootFilesystem")) is (name not in WRITABLE_ROOT), name
 
@@ -373,10 +386,20 @@ def test_commands_are_compose_commands(objects, compose):
     grafana = container("StatefulSet", "grafana")
     assert grafana["command"] == services["grafana"]["entrypoint"]
     assert grafana["args"] == compose_command(services["grafana"])
+    assert container("Deployment", "edge")["args"] == compose_command(services["edge"])
+    # Locust's master: compose's command (its --host with the Kubernetes name of the service it calls, which
+    # for the edge is compose's own), plus --master.
     master = container("Deployment", "locust-master")["args"]
-    app_url = f"http://{k8s_render.service_name('app')}:5000"
-    assert master == [arg.replace("http://app:5000", app_url) for arg in compose_command(services["locust"])] + [
-        "--master"]
+    assert master == [k8s_host(arg) for arg in compose_command(services["locust"])] + ["--master"]
+    assert "--host=http://edge:8080" in master, "locust calls the app through the edge, as compose's does"
+
+
+def k8s_host(arg: str) -> str:
+    """A compose --host=http://<service>:<port> argument with the service's Kubernetes name."""
+    if not arg.startswith("--host="):
+        return arg
+    url = urlsplit(arg.removeprefix("--host="))
+    return "--host=" + url._replace(netloc=f"{k8s_render.service_name(url.hostname)}:{url.port}").geturl()
 
 
 def test_mounted_configs_are_where_the_commands_read_them(objects):
@@ -401,7 +424,7 @@ def test_mounted_configs_are_where_the_commands_read_them(objects):
                 configmap(objects, source["configMapRef"]["name"], namespace)
             for arg in container.get("command", []) + container.get("args", []):
                 path = arg.split("=", 1)[-1]
-                if re.fullmatch(r"/(etc|mnt)/\S+\.(yaml|py|sh)", path):
+                if re.fullmatch(r"/(etc|mnt)/\S+\.(yaml|json|py|sh)", path):
                     assert path in files, f"{workload['metadata']['name']}: {arg} is not mounted"
 
 
@@ -660,6 +683,9 @@ def test_prometheus_discovers_every_replica_and_beyla_pod(objects, prometheus):
     assert discovered["beyla"]["kind"] == "DaemonSet"
     assert discovered["otel-collector"]["metadata"]["name"] == "otel-collector"
     assert discovered["alertmanager"]["metadata"]["name"] == "alertmanager"
+    # The edge's own metrics (compose's edge:9180): every edge pod, on its metrics port.
+    assert discovered["edge"]["metadata"]["name"] == "edge"
+    assert jobs(k8s)["edge"]["relabel_configs"][0]["regex"] == "edge;9180"
 
 
 def test_prometheus_loads_compose_rule_files(objects):
@@ -700,6 +726,135 @@ def test_beyla_may_read_what_kubernetes_decoration_needs(objects):
     assert rules_allow(role["rules"], "apps", "replicasets", ["list", "watch"])
     assert not any(set(r["verbs"]) - {"get", "list", "watch"} for r in role["rules"]), "read-only"
     assert bound(objects, "ClusterRole", role["metadata"]["name"], account, BEYLA_NS)
+
+
+# --- the edge -------------------------------------------------------------------------------------------
+
+
+def edge_container(objects) -> dict:
+    (container,) = pod_spec(find(objects, "Deployment", "edge", NS))["containers"]
+    return container
+
+
+def test_the_edge_runs_compose_config_with_its_upstreams_as_kubernetes_services(objects, compose):
+    source = load_config()
+    data = configmap(objects, "edge-config")
+    assert list(data) == ["caddy-config.json"]
+    config = json.loads(data["caddy-config.json"])
+    services = {o["metadata"]["name"]: o for o in objects
+                if o["kind"] == "Service" and o["metadata"]["namespace"] == NS}
+    compose_dials, k8s_dials = upstream_dials(source), upstream_dials(config)
+    assert list(k8s_dials) == list(compose_dials)
+    for server, dials in compose_dials.items():
+        assert len(k8s_dials[server]) == len(dials), server
+        for compose_dial, k8s_dial in zip(dials, k8s_dials[server], strict=True):
+            host, _, port = compose_dial.rpartition(":")
+            assert host in compose["services"], f"{server} proxies to {compose_dial}, not a compose service"
+            # The same port on the Kubernetes Service of that compose service, in the edge's namespace.
+            assert k8s_dial == f"{k8s_render.service_name(host)}:{port}", server
+            assert int(port) in {p["port"] for p in services[k8s_render.service_name(host)]["spec"]["ports"]}
+    # The app listener proxies to the app's Service, which selects the app's pods.
+    (app_dial,) = k8s_dials[APP_SERVER]
+    app_service = services[app_dial.rpartition(":")[0]]
+    assert app_service["spec"]["selector"].items() <= app(objects)["spec"]["template"]["metadata"]["labels"].items()
+    # Nothing but the dials differs from compose's file (listeners, routes, tracing, timeouts, error routes).
+    restored = copy.deepcopy(config)
+    for handler, original in zip(k8s_render.reverse_proxies(restored), k8s_render.reverse_proxies(source),
+                                 strict=True):
+        handler["upstreams"] = original["upstreams"]
+    assert restored == source
+
+
+def test_the_edge_container_is_compose_edge_service(objects, compose, dotenv):
+    service = compose["services"]["edge"]
+    deployment = find(objects, "Deployment", "edge", NS)
+    container = edge_container(objects)
+    assert container["image"] == f"caddy:{dotenv['CADDY_VERSION']}"
+    assert container["args"] == compose_command(service)
+    # Compose's entrypoint is a check of where compose publishes the edge (BIND_ADDRESS, with anonymous
+    # Grafana): k8s/ publishes nothing (ClusterIP, port-forwards bind loopback), so caddy runs directly.
+    assert service["entrypoint"] == ["/bin/sh", "/etc/caddy/entrypoint.sh"] and "command" not in container
+    entrypoint_inputs = {"BIND_ADDRESS", "GRAFANA_ANONYMOUS_ENABLED"}
+    # Settings: compose's env_file (edge/edge.env) as a ConfigMap, and compose's environment but the
+    # entrypoint's inputs.
+    expected = {}
+    for env_file in service["env_file"]:
+        expected.update(load_env_file(REPO_ROOT / env_file))
+    assert expected["OTEL_SERVICE_NAME"] == "edge"
+    (source,) = container["envFrom"]
+    assert configmap(objects, source["configMapRef"]["name"]) == expected
+    assert {e["name"]: e["value"] for e in container["env"]} == {
+        key: value for key, value in service["environment"].items() if key not in entrypoint_inputs}
+    # Its spans go to the collector's Service, at the port of compose's address.
+    endpoint = urlsplit(expected["OTEL_EXPORTER_OTLP_ENDPOINT"])
+    collector = find(objects, "Service", k8s_render.service_name(endpoint.hostname), NS)
+    assert endpoint.port in {p["port"] for p in collector["spec"]["ports"]}
+    # The config where compose mounts it (and where the command reads it); the entrypoint is not mounted.
+    assert {v.split(":")[0] for v in service["volumes"]} == {"./edge/caddy-config.json", "./edge/entrypoint.sh"}
+    (config_volume,) = [v for v in service["volumes"] if v.startswith("./edge/caddy-config.json:")]
+    mount_path = config_volume.split(":")[1]
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == mount_path]
+    volumes = {v["name"]: v for v in pod_spec(deployment)["volumes"]}
+    assert volumes[mount["name"]]["configMap"]["name"] == "edge-config"
+    assert mount["subPath"] == "caddy-config.json" and mount["readOnly"] is True
+    assert f"--config={mount_path}" in container["args"]
+    # Compose's user, capabilities, read-only root with a scratch /tmp, and memory limit.
+    user, _, group = service["user"].partition(":")
+    pod = pod_spec(deployment)["securityContext"]
+    assert (pod["runAsUser"], pod["runAsGroup"]) == (int(user), int(group))
+    context = container["securityContext"]
+    assert context["capabilities"] == {"drop": service["cap_drop"], "add": service["cap_add"]}
+    assert "no-new-privileges:true" in service["security_opt"] and context["allowPrivilegeEscalation"] is False
+    assert context["readOnlyRootFilesystem"] is service["read_only"] is True
+    scratch = {m["mountPath"] for m in container["volumeMounts"] if "emptyDir" in volumes[m["name"]]}
+    assert scratch == set(service["tmpfs"])
+    assert all(e["value"].startswith(tuple(scratch)) for e in container["env"])
+    assert quantity(container["resources"]["limits"]["memory"]) == quantity(service["mem_limit"].replace("m", "Mi"))
+
+
+def test_the_edge_listens_where_compose_exposes_it_and_probes_its_health(objects, compose):
+    service = compose["services"]["edge"]
+    container = edge_container(objects)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    listeners = {name: int(server["listen"][0].rpartition(":")[2])
+                 for name, server in load_config()["apps"]["http"]["servers"].items()}
+    # One container port per Caddy server, named after it, and exactly compose's `expose`.
+    assert ports == listeners
+    assert set(ports.values()) == {int(port) for port in service["expose"]}
+    # The Service offers every one of them in the cluster, as compose's network does.
+    edge_service = find(objects, "Service", "edge", NS)
+    assert {p["port"]: p["targetPort"] for p in edge_service["spec"]["ports"]} == {v: k for k, v in ports.items()}
+    # Readiness and liveness: compose's healthcheck URL (the metrics server's /health, not a route of the app
+    # listener, so no probe makes a span or is counted by a source).
+    url = urlsplit(next(arg for arg in service["healthcheck"]["test"] if arg.startswith("http://")))
+    for probe in ("readinessProbe", "livenessProbe"):
+        check = container[probe]["httpGet"]
+        assert (check["path"], ports[check["port"]]) == (url.path, url.port), probe
+        assert ports[check["port"]] != listeners[APP_SERVER], probe
+
+
+def test_locust_calls_the_app_through_the_edge(objects, compose):
+    assert "--host=http://edge:8080" in compose_command(compose["services"]["locust"])
+    listeners = {name: int(server["listen"][0].rpartition(":")[2])
+                 for name, server in load_config()["apps"]["http"]["servers"].items()}
+    container_ports = {p["name"]: p["containerPort"] for p in edge_container(objects)["ports"]}
+    for name in ("locust-master", "locust-worker"):
+        (container,) = pod_spec(find(objects, "Deployment", name, NS))["containers"]
+        (host,) = [urlsplit(arg.removeprefix("--host=")) for arg in container["args"] if arg.startswith("--host=")]
+        service = find(objects, "Service", host.hostname, NS)
+        (port,) = [p for p in service["spec"]["ports"] if p["port"] == host.port]
+        # That Service port reaches the edge's app listener (not the app directly, not Grafana's).
+        assert service["metadata"]["name"] == "edge", name
+        assert container_ports[port["targetPort"]] == listeners[APP_SERVER], name
+
+
+def test_prometheus_scrapes_the_edge_and_labels_its_spans_as_a_source(prometheus):
+    k8s, _ = prometheus
+    # The edge's own metrics are its health: no telemetry_source. Its span metrics come through the
+    # collector, where job="edge" (service.name) becomes telemetry_source="edge".
+    assert telemetry_source(jobs(k8s)["edge"]) is None
+    assert {"source_labels": ["job"], "regex": "edge", "target_label": "telemetry_source", "replacement": "edge"} in \
+        jobs(k8s)["otel-collector"]["metric_relabel_configs"]
 
 
 # --- locust -----------------------------------------------------------------------------------------------

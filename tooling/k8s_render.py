@@ -11,7 +11,9 @@ generated, so that one source stays the truth:
   and verbatim copies of the collector, Tempo, Loki, Pyroscope, Alertmanager and Grafana files and the
   rule files. Prometheus's config is compose's with every static target of a compose service replaced by
   Kubernetes pod discovery; the collector gets a second ``--config`` adding ``k8s_attributes`` to every
-  pipeline. A kustomize component there turns the files into ConfigMaps.
+  pipeline. The edge's Caddy config is compose's with each upstream dial of a compose service (app:5000)
+  as that service's Kubernetes Service (dice-api:5000); its edge.env is copied verbatim (the collector's
+  name is the same in the namespace). A kustomize component there turns the files into ConfigMaps.
 - ``k8s/beyla/generated/``: compose's Beyla config with Kubernetes discovery and metadata.
 
     python -m tooling.k8s_render            # write every generated file (and remove stale ones)
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import textwrap
 import tomllib
@@ -34,6 +37,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
+from tooling.edge import load_config as load_edge_config
 from tooling.envfile import interpolate, load_env_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -98,6 +102,9 @@ COPIES = {
         "grafana/provisioning/dashboards/dashboards.yaml",
     "stack/generated/grafana/entrypoint.sh": "grafana/entrypoint.sh",
     "stack/generated/locust/locust.env": "locust/locust.env",
+    # The edge's OpenTelemetry settings: its collector address (otel-collector:4317) is a Service of the
+    # namespace, so the file works unchanged.
+    "stack/generated/edge/edge.env": "edge/edge.env",
     "stack/generated/locustfile.py": "locustfile.py",
 }
 # Copied from folders, file by file (so a new rule file or dashboard is picked up): k8s folder -> source.
@@ -388,6 +395,30 @@ def _pod_discovery_job(job: dict, services: set[str]) -> dict:
     return mapped
 
 
+def reverse_proxies(node):
+    """Every reverse_proxy handler anywhere in a Caddy route tree (routes, subroutes, named routes)."""
+    if isinstance(node, dict):
+        if node.get("handler") == "reverse_proxy":
+            yield node
+        for value in node.values():
+            yield from reverse_proxies(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from reverse_proxies(item)
+
+
+def edge_config(root: Path) -> str:
+    """edge/caddy-config.json with each upstream that is a compose service dialled at its Kubernetes Service
+    (app:5000 -> dice-api:5000); listeners, routes, tracing and everything else unchanged. JSON carries no
+    header: the folder's README lists the file as generated."""
+    config = load_edge_config(root / "edge" / "caddy-config.json")
+    services = set(compose(root)["services"])
+    for handler in reverse_proxies(config):
+        for upstream in handler.get("upstreams", []):
+            upstream["dial"] = _service_target(upstream["dial"], services)
+    return json.dumps(config, indent=2) + "\n"
+
+
 def collector_overlay(root: Path) -> str:
     source = yaml.safe_load((root / "otel-collector" / "otel-collector-config.yaml").read_text())
     pipelines = {}
@@ -445,6 +476,9 @@ def stack_component(files: dict[str, str]) -> str:
         {"name": "grafana-settings", "envs": ["grafana/grafana.env"]},
         {"name": "locust-settings", "envs": ["locust/locust.env", "locust/profile.env"]},
         {"name": "locustfile", "files": ["locustfile.py"]},
+        # The edge: its Caddy config (mounted) and its OpenTelemetry settings (envFrom).
+        {"name": "edge-config", "files": under("edge")},
+        {"name": "edge-settings", "envs": ["edge/edge.env"]},
     ]
     body = {"apiVersion": "kustomize.config.k8s.io/v1alpha1", "kind": "Component",
             "resources": ["instrumentation.yaml"], "configMapGenerator": generators}
@@ -469,8 +503,8 @@ def readme(files: dict[str, str], sources: dict[str, str]) -> str:
             "Everything in this folder (and in `../../beyla/generated/`, `../../images/`) is written by\n"
             "`python -m tooling.k8s_render` from the compose stack's files; `python -m tooling.k8s_render --check`\n"
             "and `tests/test_k8s_manifests.py` fail when a file here differs from what its source gives.\n"
-            "Change the source, then run the command. Every file but the JSON dashboards (JSON has no comments)\n"
-            "starts with a header that says so.\n\n"
+            "Change the source, then run the command. Every file but the JSON ones (the dashboards and the edge's\n"
+            "Caddy config: JSON has no comments) starts with a header that says so.\n\n"
             "| file | from |\n|---|---|\n" + rows)
 
 
@@ -494,6 +528,8 @@ def generated_files(root: Path = REPO_ROOT) -> dict[str, str]:
             (collector_overlay, "otel-collector/otel-collector-config.yaml (k8s_attributes)"),
         "stack/generated/grafana/grafana.env": (grafana_env, "docker-compose.yml (grafana's environment)"),
         "stack/generated/locust/profile.env": (locust_profile_env, "app/profile-<APP_PROFILE>.env (OTEL_*)"),
+        "stack/generated/edge/caddy-config.json":
+            (edge_config, "edge/caddy-config.json (upstreams dialled at their Kubernetes Services)"),
         "beyla/generated/beyla-config.yaml": (beyla_config, "beyla/beyla-config.yaml"),
         "images/kustomization.yaml": (images_component, ".env"),
     }

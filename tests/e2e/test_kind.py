@@ -12,6 +12,12 @@ module, loads the images into it, installs cert-manager and the Operator at .env
   manual) counts exactly a known load per route and status, sent half to each of the two replicas
   through port-forwards; the recording rules; Tempo's GET / and /fail traces; Loki's records and their
   trace ids; Pyroscope's CPU profile and span profiles; Grafana's datasources and dashboards;
+- the edge in front of the app: the same known load sent through it (svc/edge, its app listener) is counted
+  exactly per route and status by the edge's spans (telemetry_source="edge") and per status by Caddy's own
+  metrics (Prometheus's `edge` job, every edge pod scraped), while every in-process source counts it too;
+  a trace in Tempo runs edge SERVER -> edge CLIENT hop -> dice-api SERVER, each inside its parent's time,
+  the edge's spans carrying their pod; Grafana is reached through the edge's grafana listener (every
+  Grafana check below goes through it) and locust calls the app through the edge;
 - and what only Kubernetes adds: each replica counted on its own by the manual scrape (`pod`) and by Beyla
   (`k8s_pod_name`), spans and log streams that carry the pod, namespace and deployment of the replica that
   served them, and locust's master with its workers.
@@ -32,9 +38,10 @@ from pathlib import Path
 import backend_checks as checks
 import pytest
 import requests
-from backend_checks import SERVICE, Backends, send_known_load, skip_unless, why_no_docker
-from stackfiles import REPO_ROOT, dotenv
+from backend_checks import PLAN, SERVICE, Backends, send_known_load, skip_unless, why_no_docker
+from stackfiles import EXPECTED_STATUS, REPO_ROOT, dotenv
 
+from tooling.compare import UNMATCHED, difference, take_snapshot
 from tooling.k8s_render import BEYLA_NAMESPACE, NAMESPACE, OWNERS_IMAGE, zerocode_image
 from tooling.native import poll
 
@@ -45,6 +52,14 @@ skip_unless("kind tier", why_no_docker())
 CLUSTER = "dice-e2e"
 INIT_CONTAINER = "opentelemetry-auto-instrumentation-python"  # the Operator's name for it
 LOG_DIR = REPO_ROOT / ".cache" / "e2e" / "kind"
+# The edge (k8s/stack/edge.yaml): its pods' label, its Service's listeners (compose's), and where locust
+# sends its load in k8s/ (as compose's locust, --host=http://edge:8080).
+EDGE = "edge"
+EDGE_APP_PORT, EDGE_GRAFANA_PORT = 8080, 3000
+LOCUST_HOST = f"http://{EDGE}:{EDGE_APP_PORT}"
+# Clocks of two processes on the kind node (Go's time.Now in Caddy, Python's time_ns in the app): a child span
+# that starts before its parent by more than this is a broken parent link, not clock granularity.
+CLOCK_SLACK_NS = 2_000_000
 CERT_MANAGER_URL = "https://github.com/cert-manager/cert-manager/releases/download/{}/cert-manager.yaml"
 OPERATOR_URL = "https://github.com/open-telemetry/opentelemetry-operator/releases/download/{}/opentelemetry-operator.yaml"
 
@@ -70,9 +85,10 @@ class Cluster:
         args = ["-n", namespace, "get", kind, "-o", "json"] + (["-l", selector] if selector else [])
         return json.loads(self.k(*args))["items"]
 
-    def app_pods(self) -> list[dict]:
-        """The app's pods that serve: not those still terminating after a rollout restart."""
-        pods = self.objects("pods", selector=f"app.kubernetes.io/name={SERVICE}")
+    def app_pods(self, name: str = SERVICE) -> list[dict]:
+        """The pods of a workload (the app's by default) that serve: not those still terminating after a
+        rollout restart."""
+        pods = self.objects("pods", selector=f"app.kubernetes.io/name={name}")
         return [pod for pod in pods if "deletionTimestamp" not in pod["metadata"]]
 
     def forward(self, target: str, remote_port: int, namespace: str = NAMESPACE) -> str:
@@ -176,7 +192,9 @@ def backends(cluster) -> Backends:
     return Backends(
         prometheus=cluster.forward("svc/prometheus", 9090), alertmanager=cluster.forward("svc/alertmanager", 9093),
         tempo=cluster.forward("svc/tempo", 3200), loki=cluster.forward("svc/loki", 3100),
-        pyroscope=cluster.forward("svc/pyroscope", 4040), grafana=cluster.forward("svc/grafana", 3000),
+        pyroscope=cluster.forward("svc/pyroscope", 4040),
+        # Grafana as users reach it: through the edge's grafana listener (compose publishes it only there).
+        grafana=cluster.forward(f"svc/{EDGE}", EDGE_GRAFANA_PORT),
         locust=cluster.forward("svc/locust", 8089), grafana_admin=("admin", password.strip()),
     )
 
@@ -202,13 +220,60 @@ def load(cluster, backends) -> dict:
                                  for row in backends.prometheus_query(query)})
                 for source, (label, query) in PER_POD.items()}
 
-    load = send_known_load(backends, list(apps), beyla=True, locust_host=f"http://{SERVICE}:5000",
-                           breakdown=per_pod)
+    load = send_known_load(backends, list(apps), beyla=True, locust_host=LOCUST_HOST, breakdown=per_pod)
     before, after = load["breakdown"]
     load["per_pod"] = {source: {pod: round(after[source][pod] - before[source][pod]) for pod in after[source]}
                        for source in PER_POD}
     load["sent_by_pod"] = {apps[url]: sum(counts.values()) for url, counts in load["sent_by_app"].items()}
     return load
+
+
+# Caddy's own count per status on its app listener, summed over the edge pods (the `edge` scrape job).
+CADDY_BY_CODE = f'sum by (code) (caddy_http_request_duration_seconds_count{{job="{EDGE}", server="app"}})'
+
+
+def expected_through_the_edge() -> Counter:
+    """What the known load (backend_checks.PLAN) is, per (route, status), when every answer is the app's."""
+    return Counter((path if path in EXPECTED_STATUS else UNMATCHED, str(EXPECTED_STATUS.get(path, 404)))
+                   for path in PLAN)
+
+
+@pytest.fixture(scope="module")
+def edge_load(cluster, backends, load) -> dict:
+    """The same known load again, after the direct one, this time through the edge (a port-forward of
+    svc/edge's app listener; the edge's Service then spreads it over the app's replicas). send_known_load
+    holds locust stopped until otel, manual and ebpf have each counted it exactly; the breakdown it reads
+    (once when every source, the edge's included, stands still, then until every source has counted)
+    adds the edge: its spans per route and status, and Caddy's own count per status. It raises until
+    both have counted the load exactly, which keeps send_known_load polling, so all of it is read before
+    locust's background load, which also goes through the edge, starts again."""
+    edge = cluster.forward(f"svc/{EDGE}", EDGE_APP_PORT)
+    expected = expected_through_the_edge()
+    by_status = Counter()
+    for (_, status), n in expected.items():
+        by_status[status] += n
+    seen: dict = {}
+
+    def caddy_by_code() -> Counter:
+        return Counter({row["metric"]["code"]: float(row["value"][1])
+                        for row in backends.prometheus_query(CADDY_BY_CODE)})
+
+    def edge_counts():
+        snapshot, caddy = take_snapshot(backends.prometheus), caddy_by_code()
+        if "before" not in seen:
+            seen["before"] = (snapshot, caddy)
+            return seen["before"]
+        spans = difference(snapshot, seen["before"][0]).counts.get(EDGE, Counter())
+        codes = Counter({code: round(n - seen["before"][1][code]) for code, n in caddy.items()})
+        seen["after"] = {"spans": spans, "caddy": +codes}
+        assert spans == expected, f"edge span metrics {dict(spans)}, sent {dict(expected)}"
+        assert +codes == by_status, f"Caddy's count by code {dict(+codes)}, sent {dict(by_status)}"
+        return seen["after"]
+
+    result = send_known_load(backends, [edge], beyla=True, locust_host=LOCUST_HOST, breakdown=edge_counts)
+    assert result["sent"] == expected, "send_known_load sent another plan than backend_checks.PLAN"
+    result["edge"] = result["breakdown"][1]
+    return result
 
 
 # --- the cluster -------------------------------------------------------------------------------------
@@ -335,3 +400,96 @@ def test_locust_runs_distributed_with_its_workers(backends, load):
     stats = requests.get(f"{backends.locust}/stats/requests", timeout=10).json()
     workers = stats.get("workers", [])
     assert len(workers) >= 2, f"locust master sees {len(workers)} workers: {workers}"
+
+
+# --- the edge in front of the app ----------------------------------------------------------------------
+
+
+def test_every_source_and_the_edge_count_exactly_what_was_sent_through_the_edge(edge_load):
+    checks.every_source_counts_what_was_sent(edge_load)
+    print(f"edge    {dict(edge_load['edge']['spans'])}\ncaddy   {dict(edge_load['edge']['caddy'])}")
+    assert edge_load["edge"]["spans"] == edge_load["sent"]
+
+
+def test_prometheus_scrapes_every_edge_pod(cluster, backends):
+    pods = {pod["metadata"]["name"] for pod in cluster.app_pods(EDGE)}
+    assert len(pods) == 2, f"two edge replicas expected: {pods}"
+
+    def up():
+        rows = backends.prometheus_query(f'up{{job="{EDGE}"}}')
+        targets = {row["metric"].get("pod"): row["value"][1] for row in rows}
+        assert targets == {pod: "1" for pod in pods}, targets
+        return targets
+
+    poll(up, 120, f"up{{job={EDGE!r}}} == 1 for each of {sorted(pods)}", interval=5)
+
+
+SPAN_KINDS = {"SPAN_KIND_SERVER": "server", "SPAN_KIND_CLIENT": "client", 2: "server", 3: "client"}
+
+
+def spans_of(trace: dict) -> list[dict]:
+    """Every span of a Tempo trace (its /api/traces JSON: batches, or resourceSpans), with its resource's
+    attributes and its span attributes as plain dicts, and its kind as "server"/"client"."""
+    def values(attributes):
+        return {a["key"]: next(iter(a["value"].values()), None) for a in attributes or []}
+
+    found = []
+    for batch in trace.get("batches", trace.get("resourceSpans", [])):
+        resource = values(batch.get("resource", {}).get("attributes"))
+        for scope in batch.get("scopeSpans", batch.get("instrumentationLibrarySpans", [])):
+            for span in scope.get("spans", []):
+                found.append({**span, "resource": resource, "attributes": values(span.get("attributes")),
+                              "kind": SPAN_KINDS.get(span.get("kind"), span.get("kind"))})
+    return found
+
+
+def test_the_app_span_is_the_child_of_the_edge_hop_inside_the_edge_span(cluster, backends, edge_load):
+    query = f'{{ resource.service.name = "{EDGE}" && span.http.route = "/" && kind = server }}'
+    edge_pods = {pod["metadata"]["name"] for pod in cluster.app_pods(EDGE)}
+
+    def a_chain():
+        for found in backends.tempo_search(query, limit=20):
+            spans = spans_of(backends.trace(found["traceID"]) or {})
+            by_id = {span["spanId"]: span for span in spans}
+            for app in spans:
+                if app["resource"].get("service.name") != SERVICE or app["kind"] != "server":
+                    continue
+                hop = by_id.get(app.get("parentSpanId"))
+                server = by_id.get(hop.get("parentSpanId")) if hop else None
+                if server:
+                    return server, hop, app
+        return None
+
+    server, hop, app = poll(a_chain, 180, f"a trace of {query} with the app's span under the edge's", interval=5)
+    # The edge's SERVER span (the request as the user sent it), its hop into the app (re-kinded CLIENT by the
+    # collector, so that the service graph reads edge -> dice-api), then the app's SERVER span.
+    assert (server["resource"]["service.name"], server["kind"], server["attributes"].get("http.route")) == \
+        (EDGE, "server", "/")
+    assert (hop["resource"]["service.name"], hop["kind"], hop["attributes"].get("edge.hop")) == \
+        (EDGE, "client", "upstream")
+    assert app["attributes"].get("http.route") == "/"
+    # Each inside its parent's time: what the edge span holds beyond the app's is the wait for a worker.
+    for child, parent in ((hop, server), (app, hop)):
+        assert int(parent["startTimeUnixNano"]) - CLOCK_SLACK_NS <= int(child["startTimeUnixNano"]), (child, parent)
+        assert int(child["endTimeUnixNano"]) <= int(parent["endTimeUnixNano"]) + CLOCK_SLACK_NS, (child, parent)
+    # The edge's spans carry the pod that served them: the collector's k8s_attributes, by the connection's
+    # source address (Caddy sets no Kubernetes attribute itself).
+    assert server["resource"].get("k8s.pod.name") in edge_pods, server["resource"]
+    assert server["resource"].get("k8s.deployment.name") == EDGE, server["resource"]
+    assert server["resource"].get("k8s.namespace.name") == NAMESPACE, server["resource"]
+
+
+def test_locust_calls_the_app_through_the_edge(backends, edge_load):
+    # The service graph pairs locust's CLIENT spans with the edge's SERVER spans, and the edge's hop with the
+    # app's: locust's background load (running again after the known loads) goes through the edge, and
+    # never straight to the app, in k8s/ as in compose.
+    query = 'sum by (client, server) (traces_service_graph_request_total{telemetry_source="otel"})'
+
+    def through_the_edge():
+        edges = {(r["metric"]["client"], r["metric"]["server"]): float(r["value"][1])
+                 for r in backends.prometheus_query(query)}
+        assert edges.get(("locust", EDGE), 0) > 0 and edges.get((EDGE, SERVICE), 0) > 0, edges
+        return edges
+
+    edges = poll(through_the_edge, 180, f"service graph edges locust -> {EDGE} -> {SERVICE}", interval=5)
+    assert ("locust", SERVICE) not in edges, edges
