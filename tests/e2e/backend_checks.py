@@ -22,7 +22,7 @@ import pytest
 import requests
 from stackfiles import EXPECTED_STATUS, REPO_ROOT, dashboard_panels, with_source
 
-from tooling.native import poll
+from tooling.native.stack import poll
 
 SERVICE = "dice-api"
 CPU_PROFILE = "process_cpu:cpu:nanoseconds:cpu:nanoseconds"
@@ -138,7 +138,7 @@ def send_known_load(backends: Backends, apps: list[str], beyla: bool, locust_hos
     source counted, and the time window of the load; locust's background load runs again afterwards, so
     the dashboards have data. `breakdown`, if given, is read twice: once the counts stand still before the
     load, and at the instant every source has counted it (for counts of a finer grain, such as per pod)."""
-    from tooling.compare import difference, take_snapshot
+    from tooling.reports.compare import difference, take_snapshot
 
     requests.post(f"{backends.locust}/stop", timeout=10).raise_for_status()
     if beyla:
@@ -439,7 +439,7 @@ def every_dashboard_loads_and_its_queries_return_data(backends: Backends) -> Non
         response = requests.get(f"{backends.grafana}/api/dashboards/uid/{uid}", auth=auth, timeout=30)
         assert response.status_code == 200, f"{uid}: {response.status_code} {response.text[:300]}"
         assert response.json()["dashboard"]["title"] == dashboard["title"]
-        # Every target, Tempo's TraceQL and Pyroscope's profile type included (tests/test_dashboard_targets.py
+        # Every target, Tempo's TraceQL and Pyroscope's profile type included (tests/grafana/test_dashboard_targets.py
         # checks that none is left out).
         for panel_query in dashboard_queries(dashboard):
             frames = _panel_frames(backends, panel_query.query, panel_query.title)
