@@ -19,27 +19,35 @@ $(STAMP): requirements-dev.txt app/requirements.txt app/requirements-otel.txt py
 
 venv: $(STAMP) ## create .venv with the pinned dependencies
 
+# The Go builds are one table (tooling/builds/recipes.py); `python -m tooling.builds NAME...` prints the
+# binaries' paths, building what is missing into .cache/ (minutes the first time, nothing after).
 collector: $(STAMP) ## build (once, cached in .cache/) the OTel Collector from otel-collector/builder-config.yaml
-	$(PY) -m tooling.collector
+	$(PY) -m tooling.builds collector
 
 prometheus: $(STAMP) ## build Prometheus and promtool (compose version) from the Go module, cached in .cache/
-	$(PY) -m tooling.prometheus_build
+	$(PY) -m tooling.builds prometheus
 
 alertmanager: $(STAMP) ## build Alertmanager and amtool (compose version) from the Go module, cached in .cache/
-	$(PY) -m tooling.alertmanager_build
+	$(PY) -m tooling.builds alertmanager
 
 sloth: $(STAMP) ## build (once, cached in .cache/) Sloth, the SLO rule generator (prometheus/slo/ -> rules/dice-slo.yaml)
-	$(PY) -m tooling.sloth_build
+	$(PY) -m tooling.builds sloth
+
+edge: $(STAMP) ## build (once, cached in .cache/) Caddy, the edge proxy, at CADDY_VERSION from .env
+	$(PY) -m tooling.builds caddy
 
 k8s-tools: $(STAMP) ## build (once, cached in .cache/) kube-apiserver, kubectl, etcd, kubeconform and the OTel Operator for the k8s tests
-	$(PY) -m tooling.k8s_build
+	$(PY) -m tooling.builds kubernetes etcd kubeconform operator kubernetes-schemas crd-schemas
+
+test-tools: $(STAMP) ## build the test helpers: Docker Compose's loader (tests/compose/compose_config) and vegeta
+	$(PY) -m tooling.builds compose-config vegeta
 
 k8s: $(STAMP) ## regenerate k8s/'s copies of the compose configs (a test fails when they drift)
-	$(PY) -m tooling.k8s_render
+	$(PY) -m tooling.k8s.render
 
 test: $(STAMP) ## the unit and integration tiers (the docker tiers are make e2e and make e2e-k8s)
 	@# The Go builds at once: with warm Go caches they are mostly linking, one core each.
-	$(MAKE) --no-print-directory -j5 collector prometheus alertmanager sloth k8s-tools
+	$(MAKE) --no-print-directory -j5 collector prometheus alertmanager sloth edge k8s-tools test-tools
 	@# Two workers, a test file each at a time: most integration time is waiting on export and scrape
 	@# intervals, so two files share the two cores without crowding each other. The docker tiers need a
 	@# Docker engine and, for kind, release downloads: they are their own targets, never part of this one.
@@ -58,11 +66,11 @@ native-down: ## stop what native-up started
 SCENARIO ?= steady
 DURATION ?= 60
 compare: $(STAMP) collector prometheus alertmanager ## run a load scenario and compare every source with what locust sent (SCENARIO=, DURATION=)
-	$(PY) -m tooling.compare --scenario $(SCENARIO) --duration $(DURATION) $(COMPARE_ARGS)
+	$(PY) -m tooling.reports.compare --scenario $(SCENARIO) --duration $(DURATION) $(COMPARE_ARGS)
 
 bench: $(STAMP) collector prometheus ## what observing costs: every mode side by side, about 10 minutes (needs wrk)
 	@command -v wrk >/dev/null || { echo "make bench needs wrk, the closed-loop load generator: sudo apt-get install wrk"; exit 1; }
-	$(PY) -m tooling.bench $(BENCH_ARGS)
+	$(PY) -m tooling.reports.bench $(BENCH_ARGS)
 
 up: ## start the whole stack in Docker and wait until it is healthy
 	docker compose up -d --wait
@@ -79,4 +87,4 @@ e2e-k8s: $(STAMP) k8s-tools ## the docker tier on Kubernetes: k8s/ on a kind clu
 clean: ## remove the venv and cached builds
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: help venv collector prometheus alertmanager sloth k8s-tools k8s test lint native-up native-down compare bench up down e2e e2e-k8s clean
+.PHONY: help venv collector prometheus alertmanager sloth edge k8s-tools test-tools k8s test lint native-up native-down compare bench up down e2e e2e-k8s clean

@@ -1,6 +1,6 @@
 #!/bin/sh
 # The edge's entrypoint in compose (docker-compose.yml): one safety check, then its command (`caddy run ...`).
-# POSIX sh: the caddy image is Alpine, whose /bin/sh is busybox ash (tests/test_edge_compose.py runs this
+# POSIX sh: the caddy image is Alpine, whose /bin/sh is busybox ash (tests/edge/test_edge_compose.py runs this
 # file under dash and busybox).
 #
 # Only the edge follows BIND_ADDRESS off loopback: it publishes the app and Grafana (its `grafana`

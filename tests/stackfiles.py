@@ -6,11 +6,9 @@ test_service_configs, test_consistency) and the docker tier.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 from collections.abc import Iterator
@@ -18,11 +16,11 @@ from pathlib import Path
 
 import yaml
 
-from tooling.envfile import interpolate, load_env_file
-from tooling.gobuild import BUILD_ENV, go_executable, publish, run_logged, work_dir
-from tooling.native import poll
+from tooling.builds import BuildError, binary
+from tooling.config import interpolate, load_env_file
+from tooling.native.stack import poll
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent  # tests/ is one level below the root
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOTENV_FILE = REPO_ROOT / ".env"
 
@@ -31,8 +29,6 @@ SERVICES = {"app", "edge", "beyla", "otel-collector", "prometheus", "alertmanage
             "grafana", "locust", "probe"}
 
 # Our small Go program around Compose's own loader (compose-go), and where its builds are cached.
-COMPOSE_CONFIG_SRC = REPO_ROOT / "tests" / "compose_config"
-COMPOSE_CONFIG_CACHE = REPO_ROOT / ".cache" / "compose-config"
 
 # Directories that are not the project's own files.
 _SKIP_DIRS = {".git", ".venv", ".cache", ".native", "build", "__pycache__", ".pytest_cache", ".ruff_cache"}
@@ -99,35 +95,12 @@ class ComposeConfigError(RuntimeError):
     """Compose's loader could not be built, or it rejected the project."""
 
 
-# A failed build is not retried by every test that needs the binary (each retry may wait on the network).
-_failed_builds: dict[str, ComposeConfigError] = {}
-
-
 def compose_config_binary() -> Path:
-    """tests/compose_config built once per content of its go.mod, go.sum and main.go (cached in .cache/)."""
-    digest = hashlib.sha256()
-    for name in ("go.mod", "go.sum", "main.go"):
-        digest.update(name.encode() + b"\0" + (COMPOSE_CONFIG_SRC / name).read_bytes() + b"\0")
-    key = digest.hexdigest()[:12]
-    target = COMPOSE_CONFIG_CACHE / key / "compose-config"
-    if target.exists():
-        return target
-    if key in _failed_builds:
-        raise _failed_builds[key]
+    """tests/compose/compose_config, the builds row `compose-config` (keyed by its go.mod, go.sum and main.go)."""
     try:
-        go = go_executable(ComposeConfigError, "to build tests/compose_config (Docker Compose's loader)")
-        workdir = work_dir(COMPOSE_CONFIG_CACHE, key)
-        built = workdir / "compose-config"
-        # -mod=readonly: the committed go.mod/go.sum are the whole truth, a build never edits them.
-        cmd = [go, "build", "-mod=readonly", "-trimpath", "-buildvcs=false", "-o", str(built), "."]
-        run_logged(cmd, workdir / "build.log", ComposeConfigError, "building tests/compose_config",
-                   cwd=COMPOSE_CONFIG_SRC, env={**os.environ, **BUILD_ENV})
-    except ComposeConfigError as exc:
-        _failed_builds[key] = exc
-        raise
-    publish(built, target)
-    shutil.rmtree(workdir, ignore_errors=True)
-    return target
+        return binary("compose-config")
+    except BuildError as exc:
+        raise ComposeConfigError(str(exc)) from exc
 
 
 def _run_compose_config(project_dir: Path, env: dict[str, str] | None, *flags: str) -> dict:
@@ -188,7 +161,7 @@ def with_source(dashboard: dict, expr: str) -> list[tuple[str | None, str]]:
     return [(value, SOURCE_VARIABLE.sub(value, expr)) for value in values]
 
 
-# --- faults under load (tests/test_reliability.py, tests/test_alerts_native.py) ----------------------------
+# --- faults under load (tests/collector/test_reliability.py, tests/alerts/test_alerts_native.py) ------------
 EXPECTED_STATUS = {"/": 200, "/health": 200, "/fail": 500}
 
 

@@ -9,7 +9,7 @@ switches every histogram to exponential), and ``opentelemetry-instrument`` has n
 
 :data:`HTTP_DURATION_BUCKETS` is the stack's one list of request-duration bounds. The collector's
 span_metrics connector (otel-collector/otel-collector-config.yaml) and Beyla (beyla/beyla-config.yaml)
-repeat it, and tests/test_resolution.py fails when a copy differs or when a threshold that a rule, an SLO
+repeat it, and tests/collector/test_resolution.py fails when a copy differs or when a threshold that a rule, an SLO
 or a dashboard reads (``le="0.1"``) is not one of its bounds.
 
 ``opentelemetry-instrument`` loads one configurator: the one that OTEL_PYTHON_CONFIGURATOR names (app/app.env
@@ -71,7 +71,7 @@ class Configurator(OpenTelemetryConfigurator):
     The SDK builds the MeterProvider inside its own set-up and takes no views there, so the class that set-up
     calls is swapped for one that adds them, for the duration of this call only. If an SDK upgrade stops
     building it that way, the views are not applied and :func:`post_instrument` says so;
-    tests/test_zerocode.py fails on it too.
+    tests/app/test_zerocode.py fails on it too.
     """
 
     def _configure(self, **kwargs):

@@ -24,7 +24,7 @@ import pytest
 import requests
 from stackfiles import EXPECTED_STATUS, REPO_ROOT, dashboard_panels, with_source
 
-from tooling.native import poll
+from tooling.native.stack import poll
 
 SERVICE = "dice-api"
 # The edge's service.name (edge/edge.env): its SERVER span is the user's request, its CLIENT span the hop
@@ -151,7 +151,7 @@ def send_known_load(backends: Backends, apps: list[str], beyla: bool, locust_hos
     `past_the_edge`, the app's own URL, says that `apps` are the edge's: the edge is then a source that must
     count exactly the plan, and PAST_THE_EDGE also goes to the app's own port, which every other source
     counts on top of the plan and the edge must not (it counts what users sent through it, nothing else)."""
-    from tooling.compare import difference, take_snapshot
+    from tooling.reports.compare import difference, take_snapshot
 
     requests.post(f"{backends.locust}/stop", timeout=10).raise_for_status()
     if beyla:
@@ -546,7 +546,7 @@ def every_dashboard_loads_and_its_queries_return_data(backends: Backends) -> Non
         response = requests.get(f"{backends.grafana}/api/dashboards/uid/{uid}", auth=auth, timeout=30)
         assert response.status_code == 200, f"{uid}: {response.status_code} {response.text[:300]}"
         assert response.json()["dashboard"]["title"] == dashboard["title"]
-        # Every target, Tempo's TraceQL and Pyroscope's profile type included (tests/test_dashboard_targets.py
+        # Every target, Tempo's TraceQL and Pyroscope's profile type included (tests/grafana/test_dashboard_targets.py
         # checks that none is left out).
         for panel_query in dashboard_queries(dashboard):
             frames = _panel_frames(backends, panel_query.query, panel_query.title)

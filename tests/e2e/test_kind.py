@@ -41,9 +41,9 @@ import requests
 from backend_checks import PLAN, SERVICE, Backends, send_known_load, skip_unless, why_no_docker
 from stackfiles import EXPECTED_STATUS, REPO_ROOT, dotenv
 
-from tooling.compare import UNMATCHED, difference, take_snapshot
-from tooling.k8s_render import BEYLA_NAMESPACE, NAMESPACE, OWNERS_IMAGE, zerocode_image
-from tooling.native import poll
+from tooling.k8s.render import BEYLA_NAMESPACE, NAMESPACE, OWNERS_IMAGE, zerocode_image
+from tooling.native.stack import poll
+from tooling.reports.compare import UNMATCHED, difference, take_snapshot
 
 pytestmark = pytest.mark.e2e
 
@@ -163,15 +163,16 @@ def keep_logs(cluster: Cluster) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    from tooling import k8s_build
+    from tooling.builds import binary, k8s_tools
+    from tooling.builds.recipes import kind_node_image
 
     env = dotenv()
-    cluster = Cluster(kind=k8s_build.kind_binary(), kubectl=k8s_build.k8s_tools().kubectl,
+    cluster = Cluster(kind=binary("kind"), kubectl=k8s_tools().kubectl,
                       kubeconfig=tmp_path_factory.mktemp("kind") / "kubeconfig", forwards=[])
     build_images(env)
     # Leftovers of an aborted run would keep its old pods and volumes.
     run(cluster.kind, "delete", "cluster", "--name", CLUSTER, check=False)
-    run(cluster.kind, "create", "cluster", "--name", CLUSTER, "--image", k8s_build.kind_node_image(),
+    run(cluster.kind, "create", "cluster", "--name", CLUSTER, "--image", kind_node_image(),
         "--kubeconfig", cluster.kubeconfig, "--wait", "300s", timeout=900)
     try:
         run(cluster.kind, "load", "docker-image", "--name", CLUSTER, OWNERS_IMAGE, zerocode_image(),

@@ -38,7 +38,7 @@ import requests
 from backend_checks import Backends, send_known_load, skip_unless, why_no_docker
 from stackfiles import COMPOSE_FILE, REPO_ROOT, dotenv
 
-from tooling.native import poll
+from tooling.native.stack import poll
 
 pytestmark = pytest.mark.e2e
 

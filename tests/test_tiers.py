@@ -1,0 +1,38 @@
+"""Every test carries a tier marker (conftest.py refuses to collect one without): what `make test` (-m "not
+e2e") and the tier targets select is then the whole suite, split by what each test needs to run."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+TESTS = Path(__file__).resolve().parent
+
+
+def collect(directory: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-p", "no:xdist", *args, str(directory)], capture_output=True, text=True, timeout=120,
+                          cwd=directory)
+
+
+def test_no_test_of_the_suite_lacks_a_tier():
+    result = collect(TESTS, "-m", "not unit and not integration and not e2e")
+    # Exit 5: nothing collected (every test deselected by the expression), which only tiered tests are.
+    assert result.returncode == 5 and "no tests collected" in result.stdout, result.stdout + result.stderr
+
+
+def test_a_test_without_a_tier_fails_the_collection(tmp_path):
+    shutil.copy(TESTS / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_sample.py").write_text(
+        "import pytest\n\n\n@pytest.mark.unit\ndef test_tiered():\n    pass\n\n\ndef test_forgotten():\n    pass\n")
+    result = collect(tmp_path)
+    assert result.returncode != 0, result.stdout
+    assert "tests without a tier marker" in result.stdout + result.stderr
+    assert "test_sample.py::test_forgotten" in result.stdout + result.stderr
+    assert "test_tiered" not in (result.stdout + result.stderr).split("tests without a tier marker")[1]

@@ -1,0 +1,5 @@
+import sys
+
+from tooling.builds import main
+
+sys.exit(main())

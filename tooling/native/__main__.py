@@ -1,0 +1,5 @@
+import sys
+
+from tooling.native.stack import main
+
+sys.exit(main())
