@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from tooling import edge
+from tooling.native import edge
 from tooling.native.sinks import Span
 from tooling.native.stack import NativeStack, poll, run_locust
 

@@ -28,7 +28,7 @@ import pytest
 import requests
 from stackfiles import REPO_ROOT, bind_mounts, compose, dotenv, raw_compose, service_ports
 
-from tooling import edge
+from tooling.native import edge
 from tooling.native.stack import free_port, poll
 
 ENTRYPOINT = REPO_ROOT / "edge" / "entrypoint.sh"

@@ -26,7 +26,7 @@ import pytest
 from stackfiles import EXPECTED_STATUS, assert_unaffected, phase
 from test_bad_requests import header_of
 
-from tooling import edge
+from tooling.native import edge
 from tooling.native.flood import raw_exchange
 from tooling.native.sinks import Span
 from tooling.native.stack import NativeStack, by_labels, poll

@@ -469,7 +469,7 @@ class NativeStack:
     def start_edge(self) -> Managed:
         """Caddy with edge/caddy-config.json, its app server proxying to the native app. The Grafana listener
         is left out: Grafana is not part of the native tier."""
-        from tooling import edge
+        from tooling.native import edge
 
         config = self.run_dir / "caddy-config.json"
         config.write_text(json.dumps(edge.render_config(
