@@ -203,9 +203,11 @@ def test_app_killed_fires_target_down_failing_for_clients_and_the_availability_s
     restarted = time.time()
     quiet_from = killed + 20
     window = f"{round(restarted - quiet_from)}s"
-    in_process = {(r["metric"]["__name__"], r["metric"]["telemetry_source"]): float(r["value"][1]) for r in
-                  prometheus_query(stack.prometheus_url, f"sum by (__name__, telemetry_source) "
-                                   f"(increase({IN_PROCESS_COUNTS}[{window}]))", time=restarted)}
+    # increase() drops the metric's name: it is put back as a label first, to tell the counters apart.
+    in_process = {(r["metric"]["counter"], r["metric"]["telemetry_source"]): float(r["value"][1]) for r in
+                  prometheus_query(stack.prometheus_url, f"sum by (counter, telemetry_source) (increase("
+                                   f'label_replace({IN_PROCESS_COUNTS}, "counter", "$1", "__name__", "(.*)")'
+                                   f"[{window}:5s]))", time=restarted)}
     edge_502 = sum(float(r["value"][1]) for r in prometheus_query(
         stack.prometheus_url, f"increase({EDGE_502}[{window}])", time=restarted))
 

@@ -166,15 +166,17 @@ class OtlpSink:
             for span in ss.spans
         ]
 
-    def server_spans(self, route: str | None = None) -> list[CapturedSpan]:
-        """The SERVER spans (one per request the app answered), of one http.route if given."""
+    def server_spans(self, route: str | None = None, service: str | None = None) -> list[CapturedSpan]:
+        """The SERVER spans (one per request a server answered), of one http.route and one service.name if
+        given (the edge in front of the app makes a SERVER span per request too)."""
         return [s for s in self.spans() if s.span.kind == Span.SPAN_KIND_SERVER
-                and (route is None or s.attributes.get("http.route") == route)]
+                and (route is None or s.attributes.get("http.route") == route)
+                and (service is None or s.resource.get("service.name") == service)]
 
-    def requests_by_route_and_status(self) -> Counter:
+    def requests_by_route_and_status(self, service: str | None = None) -> Counter:
         """SERVER spans per (http.route, status code as text), the shape of locust's ground truth."""
         return Counter((s.attributes.get("http.route"), str(s.attributes.get("http.response.status_code")))
-                       for s in self.server_spans())
+                       for s in self.server_spans(service=service))
 
     def histogram_points(self, name: str) -> Iterator[HistogramPoint]:
         with self._lock:
