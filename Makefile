@@ -36,6 +36,9 @@ sloth: $(STAMP) ## build (once, cached in .cache/) Sloth, the SLO rule generator
 edge: $(STAMP) ## build (once, cached in .cache/) Caddy, the edge proxy, at CADDY_VERSION from .env
 	$(PY) -m tooling.builds caddy
 
+exporters: $(STAMP) ## build (once, cached in .cache/) node_exporter and cAdvisor (cadvisor/native) at their .env versions
+	$(PY) -m tooling.builds node-exporter cadvisor
+
 k8s-tools: $(STAMP) ## build (once, cached in .cache/) kube-apiserver, kubectl, etcd, kubeconform and the OTel Operator for the k8s tests
 	$(PY) -m tooling.builds kubernetes etcd kubeconform operator kubernetes-schemas crd-schemas
 
@@ -47,7 +50,7 @@ k8s: $(STAMP) ## regenerate k8s/'s copies of the compose configs (a test fails w
 
 test: $(STAMP) ## the unit and integration tiers (the docker tiers are make e2e and make e2e-k8s)
 	@# The Go builds at once: with warm Go caches they are mostly linking, one core each.
-	$(MAKE) --no-print-directory -j5 collector prometheus alertmanager sloth edge k8s-tools test-tools
+	$(MAKE) --no-print-directory -j5 collector prometheus alertmanager sloth edge exporters k8s-tools test-tools
 	@# Two workers, a test file each at a time: most integration time is waiting on export and scrape
 	@# intervals, so two files share the two cores without crowding each other. The docker tiers need a
 	@# Docker engine and, for kind, release downloads: they are their own targets, never part of this one.
@@ -57,7 +60,7 @@ test: $(STAMP) ## the unit and integration tiers (the docker tiers are make e2e 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
 
-native-up: $(STAMP) collector prometheus alertmanager ## run collector, Prometheus, Alertmanager and the app here, no Docker (Tempo/Pyroscope are sinks)
+native-up: $(STAMP) collector prometheus alertmanager exporters ## run collector, Prometheus, Alertmanager, the exporters and the app here, no Docker (Tempo/Pyroscope are sinks)
 	$(PY) -m tooling.native up
 
 native-down: ## stop what native-up started
@@ -87,4 +90,4 @@ e2e-k8s: $(STAMP) k8s-tools ## the docker tier on Kubernetes: k8s/ on a kind clu
 clean: ## remove the venv and cached builds
 	rm -rf $(VENV) .cache .pytest_cache .ruff_cache *.egg-info
 
-.PHONY: help venv collector prometheus alertmanager sloth edge k8s-tools test-tools k8s test lint native-up native-down compare bench up down e2e e2e-k8s clean
+.PHONY: help venv collector prometheus alertmanager sloth edge exporters k8s-tools test-tools k8s test lint native-up native-down compare bench up down e2e e2e-k8s clean

@@ -38,6 +38,7 @@ KEYS = {  # made-up releases (the real ones are stated in .env only)
     ("kind", "v0.98.7"): "0.98.7-5b801af0ae05",
     ("vegeta", "v12.98.7"): "v12.98.7",
     ("caddy", "v2.98.7"): "2.98.7-bb32cd481d77",
+    ("node-exporter", "v1.98.7"): "1.98.7-0a6f3c7ef83c",
 }
 
 
@@ -318,3 +319,67 @@ def test_the_caddy_binary_prints_the_dotenv_release():
     shown = subprocess.run([str(caddy), "version"], capture_output=True, text=True, timeout=30)
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.split()[0] == "v" + load_env_file(DOTENV)["CADDY_VERSION"], shown.stdout
+
+
+# ------------------------------------------------------------------------------------------ the exporters
+
+
+def test_node_exporter_is_the_dotenv_release_and_its_recipe_is_keyed_on_it(tmp_path):
+    release = load_env_file(DOTENV)["NODE_EXPORTER_VERSION"]
+    assert recipes.node_exporter_version() == release
+    assert paths("node-exporter")[0].parent.name.startswith(f"{release.removeprefix('v')}-")
+    recipe = recipes.node_exporter_recipe(release)
+    # The Prometheus row's stamp (github.com/prometheus/common/version), which --version and build_info print.
+    assert recipe["ldflags"] == (f"-s -w -X github.com/prometheus/common/version.Version={release.removeprefix('v')} "
+                                 f"-X github.com/prometheus/common/version.Revision={release} "
+                                 "-X github.com/prometheus/common/version.BuildUser=zerocode")
+    assert (recipe["package"], recipe["build_flags"], recipe["env"]) == (
+        "github.com/prometheus/node_exporter", ["-trimpath"], {"CGO_ENABLED": "0"})
+    other = tmp_path / ".env"
+    other.write_text("NODE_EXPORTER_VERSION=v1.98.7\n")
+    assert recipes.node_exporter_version(other) == "v1.98.7"
+    assert BUILDS["node-exporter"].key("v1.98.7") != BUILDS["node-exporter"].key(release)
+    other.write_text("NODE_EXPORTER_VERSION=latest\n")
+    with pytest.raises(BuildError, match="release tag"):
+        recipes.node_exporter_version(other)
+
+
+def test_cadvisor_is_our_main_at_the_dotenv_release_keyed_on_its_sources(tmp_path):
+    release = load_env_file(DOTENV)["CADVISOR_VERSION"]
+    assert recipes.cadvisor_version() == release
+    # cadvisor/native/go.mod requires the release the compose image runs.
+    assert recipes.cadvisor_required() == release
+    assert paths("cadvisor")[0].parent.name.startswith(f"{release.removeprefix('v')}-")
+    recipe = recipes.cadvisor_recipe(release)
+    assert recipe["ldflags"] == (f"-s -w -X github.com/google/cadvisor/version.Version={release} "
+                                 f"-X github.com/google/cadvisor/version.Revision={release} "
+                                 "-X github.com/google/cadvisor/version.BuildUser=zerocode")
+    assert recipe["build_flags"] == ["-mod=readonly", "-trimpath", "-buildvcs=false"]
+    # An edit of the wrapper's sources builds into a new folder.
+    source = tmp_path / "native"
+    shutil.copytree(recipes.CADVISOR_SRC, source)
+    assert recipes.cadvisor_recipe(release, source) == recipe
+    (source / "main.go").write_text((source / "main.go").read_text() + "\n")
+    assert recipes.cadvisor_recipe(release, source) != recipe
+    # A .env release that go.mod does not require is refused before anything is built.
+    (source / "go.mod").write_text((source / "go.mod").read_text().replace(release, "v0.98.7"))
+    assert recipes.cadvisor_required(source) == "v0.98.7"
+
+
+def test_cadvisor_refuses_a_release_its_go_mod_does_not_require(tmp_path, monkeypatch):
+    monkeypatch.setattr(recipes, "CACHE", tmp_path)  # the refused build's work folder (and log) lands there
+    with pytest.raises(BuildError, match=r"CADVISOR_VERSION=v0\.98\.7 in \.env, but .*go\.mod requires "
+                                         r"github\.com/google/cadvisor v0\.53\.0"):
+        binaries("cadvisor", "v0.98.7")
+    assert not paths("cadvisor", "v0.98.7")[0].exists()
+
+
+@pytest.mark.parametrize("name, printed", [("node-exporter", "node_exporter, version {} "),
+                                           ("cadvisor", "cAdvisor v{} ")])
+def test_the_exporter_binaries_print_the_dotenv_release(name, printed):
+    """Built by `make test` (node_exporter about 45 s, cAdvisor about a minute with Go's module cache warm)."""
+    (binary,) = binaries(name)
+    release = load_env_file(DOTENV)[f"{name.upper().replace('-', '_')}_VERSION"]
+    shown = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    assert printed.format(release.removeprefix("v")) in shown.stdout + shown.stderr, shown.stdout + shown.stderr

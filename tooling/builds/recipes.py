@@ -7,7 +7,7 @@ build in a new folder; the hashed dicts must never change shape for an unchanged
 binary is rebuilt, 30 minutes for the Kubernetes row), and its build style:
 
 - **go install**: `go install package@version` where the module's go.mod allows it (Alertmanager, Sloth,
-  kubeconform, kind, Caddy, vegeta);
+  kubeconform, kind, Caddy, node_exporter, vegeta);
 - **wrapper module**: modules whose go.mod has `replace`/`exclude` lines, which Go honours only in the main
   module, so `go install module@version` refuses them (Prometheus; Kubernetes and etcd, whose replaces point
   at sibling folders of their repositories that the module zips lack; the Operator, whose `go install`
@@ -16,7 +16,9 @@ binary is rebuilt, 30 minutes for the Kubernetes row), and its build style:
   resolve to the version the module was released with;
 - **ocb**: the collector, by the OpenTelemetry Collector Builder from otel-collector/builder-config.yaml,
   keyed by the manifest's content;
-- **local module**: tests/compose/compose_config (Docker Compose's own loader), keyed by its sources;
+- **local module**: tests/compose/compose_config (Docker Compose's own loader), keyed by its sources, and
+  cadvisor/native (our main around cAdvisor's packages: its `cmd` module is not served), keyed by its
+  sources and CADVISOR_VERSION;
 - the two folders of JSON schemas kubeconform validates k8s/ against (a PyPI wheel, and the Operator's
   CRDs converted by kubeconform's own script).
 
@@ -269,6 +271,81 @@ def version_printed(command: str, expected: Callable[[str], str]) -> Callable[[P
         printed = result.stdout + result.stderr
         return None if result.returncode == 0 and printed.startswith(expected(version)) else \
             f"`{command} version` printed {printed!r}, expected {expected(version)!r}"
+    return check
+
+
+# ------------------------------------------------------------------------------------------ the exporters
+
+NODE_EXPORTER_MODULE = "github.com/prometheus/node_exporter"
+CADVISOR_MODULE = "github.com/google/cadvisor"
+# Our own main around cAdvisor's manager and metrics packages (its official cmd module is not served by the
+# Go proxy): a local module whose go.mod requires cAdvisor at CADVISOR_VERSION.
+CADVISOR_SRC = REPO_ROOT / "cadvisor" / "native"
+
+
+def node_exporter_version(env_file: Path = DOTENV) -> str:
+    """NODE_EXPORTER_VERSION from .env (the image tag prom/node-exporter:vX.Y.Z is the module version)."""
+    return dotenv_version("NODE_EXPORTER_VERSION", env_file=env_file)
+
+
+def node_exporter_ldflags(version: str) -> str:
+    # The same stamp as Prometheus's: without it `node_exporter --version` and node_exporter_build_info are empty.
+    return version_stamp(PROMETHEUS_VERSION_PACKAGE, {"Version": version.removeprefix("v"), "Revision": version,
+                                                      "BuildUser": "zerocode"})
+
+
+def node_exporter_recipe(version: str) -> dict:
+    return {"package": NODE_EXPORTER_MODULE, "version": version, "build_flags": list(BUILD_FLAGS),
+            "ldflags": node_exporter_ldflags(version), "env": BUILD_ENV}
+
+
+def cadvisor_version(env_file: Path = DOTENV) -> str:
+    """CADVISOR_VERSION from .env: the image tag gcr.io/cadvisor/cadvisor:vX.Y.Z, and the cAdvisor module
+    version that cadvisor/native/go.mod must require (checked before building)."""
+    return dotenv_version("CADVISOR_VERSION", env_file=env_file)
+
+
+def cadvisor_required(src: Path = CADVISOR_SRC) -> str | None:
+    """The cAdvisor version cadvisor/native/go.mod requires."""
+    match = re.search(rf"^\s*(?:require\s+)?{re.escape(CADVISOR_MODULE)}\s+(v\S+)", (src / "go.mod").read_text(),
+                      re.MULTILINE)
+    return match[1] if match else None
+
+
+def cadvisor_ldflags(version: str) -> str:
+    return version_stamp(f"{CADVISOR_MODULE}/version", {"Version": version, "Revision": version,
+                                                        "BuildUser": "zerocode"})
+
+
+def cadvisor_recipe(version: str, src: Path = CADVISOR_SRC) -> dict:
+    # Keyed on the wrapper's sources too: an edit of main.go or go.mod builds into a new folder.
+    return {"module": CADVISOR_MODULE, "version": version, "wrapper": sources_key(src),
+            "build_flags": ["-mod=readonly", *BUILD_FLAGS, "-buildvcs=false"], "ldflags": cadvisor_ldflags(version),
+            "env": BUILD_ENV}
+
+
+def build_cadvisor(row: Recipe, version: str, workdir: Path) -> Path:
+    required = cadvisor_required()
+    if required != version:
+        raise BuildError(f"CADVISOR_VERSION={version} in .env, but {CADVISOR_SRC / 'go.mod'} requires "
+                         f"{CADVISOR_MODULE} {required}: make them equal (`go get {CADVISOR_MODULE}@{version} && "
+                         "go mod tidy` in that folder), so that the native tier runs the compose image's release")
+    go = Go(f"building cAdvisor {version} (our main in cadvisor/native around {CADVISOR_MODULE})", workdir)
+    out = workdir / "bin"
+    out.mkdir()
+    # -mod=readonly: the committed go.mod/go.sum are the whole truth, a build never edits them.
+    go.run("build", *cadvisor_recipe(version)["build_flags"], f"-ldflags={cadvisor_ldflags(version)}",
+           "-o", str(out / "cadvisor"), ".", cwd=CADVISOR_SRC)
+    return out
+
+
+def flag_version_printed(command: str, expected: Callable[[str], str]) -> Callable[[Path, str], str | None]:
+    """A check that `<binary> --version`, run from the staged build, prints `expected(version)` somewhere."""
+    def check(staged: Path, version: str) -> str | None:
+        result = subprocess.run([str(staged / command), "--version"], capture_output=True, text=True, timeout=60)
+        printed = result.stdout + result.stderr
+        return None if result.returncode == 0 and expected(version) in printed else \
+            f"`{command} --version` printed {printed!r}, expected {expected(version)!r} in it"
     return check
 
 
@@ -540,6 +617,13 @@ _ROWS = [
     Recipe("caddy", "Caddy, the edge proxy", "caddy", ("caddy",), caddy_version,
            install(lambda v: [f"{CADDY_PACKAGE}@{v}"], caddy_ldflags), hashed(caddy_recipe),
            check=version_printed("caddy", lambda v: v)),
+    Recipe("node-exporter", "node_exporter, the host's metrics", "node-exporter", ("node_exporter",),
+           node_exporter_version, install(lambda v: [f"{NODE_EXPORTER_MODULE}@{v}"], node_exporter_ldflags),
+           hashed(node_exporter_recipe),
+           check=flag_version_printed("node_exporter", lambda v: f"version {v.removeprefix('v')} ")),
+    Recipe("cadvisor", "cAdvisor, the containers' metrics (cadvisor/native)", "cadvisor", ("cadvisor",),
+           cadvisor_version, build_cadvisor, hashed(cadvisor_recipe),
+           check=flag_version_printed("cadvisor", lambda v: f"cAdvisor {v} ")),
     Recipe("kubernetes", "kube-apiserver and kubectl", "kubernetes", ("kube-apiserver", "kubectl"),
            lambda: KUBERNETES_VERSION,
            build_wrapped(KUBERNETES_MODULE, {name: f"{KUBERNETES_MODULE}/cmd/{name}" for name in

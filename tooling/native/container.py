@@ -414,3 +414,158 @@ class MemoryCgroup:
             except OSError:
                 time.sleep(0.1)  # a task was forked in, or the kernel still holds the last one
         raise RuntimeError(f"could not remove {self.path}: still holds {self.pids()}")
+
+
+# --- the app's container: one cgroup in the cpu, cpuacct and memory hierarchies (v1) ------------------------
+
+# The folder each NativeStack makes for its containers' cgroups: <own cgroup>/dice-native-<pid>-<n>/<service>.
+# The naming layer (prometheus/rules/dice-saturation.yaml) reads the service from cAdvisor's `id` label by
+# this shape, and cAdvisor (cadvisor/native) watches only the stack's folder.
+NATIVE_CGROUP_PREFIX = "dice-native-"
+# The v1 controllers a container's CPU and memory limits and accounting live in (Docker sets the same ones).
+APP_CONTROLLERS = ("cpu", "cpuacct", "memory")
+# What a NativeStack says, once, when it cannot give the app its cgroup (a developer who is not root, a
+# machine without writable v1 controllers): the compose settings that are then not applied, and the series
+# that are then absent.
+NO_CGROUP_MESSAGE = ("the app runs WITHOUT its container cgroup ({reason}): compose's mem_limit and cpus for "
+                     "service 'app' are not applied, and cAdvisor reports no series for it, so the "
+                     "dice:container_* saturation series are absent (not zero). Run as root, on cgroup v1 "
+                     "controllers cpu, cpuacct and memory mounted read-write, to get them.")
+_cgroup_folders = 0
+
+
+def compose_cpus(service: str, compose_file: Path = COMPOSE_FILE) -> float:
+    """The service's `cpus` (a CPU quota in cores), read from the compose file."""
+    import yaml
+
+    raw = yaml.safe_load(compose_file.read_text())["services"][service].get("cpus")
+    if raw is None:
+        raise ValueError(f"{compose_file.name}: service {service!r} has no cpus")
+    try:
+        cpus = float(raw)
+    except (TypeError, ValueError):
+        raise ValueError(f"{compose_file.name}: service {service!r} has cpus I cannot read: {raw!r}") from None
+    if cpus <= 0:
+        raise ValueError(f"{compose_file.name}: service {service!r} has cpus {raw!r}, not a positive number")
+    return cpus
+
+
+def _v1_mounts() -> dict[str, Path]:
+    """controller -> where its v1 hierarchy is mounted read-write (co-mounted ones share a path)."""
+    mounts: dict[str, Path] = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fields, super_fields = left.split(), right.split()
+        if len(super_fields) < 3 or super_fields[0] != "cgroup" or "rw" not in fields[5].split(","):
+            continue
+        for option in super_fields[2].split(","):
+            mounts.setdefault(option, Path(fields[4]))
+    return mounts
+
+
+@dataclass
+class ContainerCgroup:
+    """A compose service's container without Docker: the same cgroup path (`name`, what cAdvisor reports as
+    `id`) in each of APP_CONTROLLERS' hierarchies, made under this process's memory cgroup (so the session's
+    own limits still apply above it) inside a folder of its own (`folder`), with compose's CPU quota and
+    memory limit. `memory` is that hierarchy's MemoryCgroup, for the kernel's own accounting."""
+
+    name: str
+    folder: str
+    dirs: dict[str, Path]  # controller -> its directory (co-mounted controllers share one)
+    memory: MemoryCgroup
+    made: list[Path]  # every directory this created, parents first (the parents other stacks may share)
+
+    @classmethod
+    def create(cls, service: str, mem_limit: int | None = None, cpus: float | None = None) -> ContainerCgroup:
+        """Raises RuntimeError saying why when the controllers are not there or not writable."""
+        global _cgroup_folders
+        parent, reason = parent_cgroup()
+        if parent is None:
+            raise RuntimeError(reason)
+        mounts = _v1_mounts()
+        missing = [c for c in APP_CONTROLLERS if c not in mounts]
+        if missing:
+            raise RuntimeError(f"no read-write cgroup v1 {', '.join(missing)} controller in /proc/self/mountinfo")
+        own = parent.relative_to(mounts["memory"]).as_posix()
+        _cgroup_folders += 1
+        folder = f"{'' if own == '.' else '/' + own}/{NATIVE_CGROUP_PREFIX}{os.getpid()}-{_cgroup_folders}"
+        name = f"{folder}/{service}"
+        group = cls(name, folder, {}, None, [])  # type: ignore[arg-type] - memory is set below
+        try:
+            for controller in APP_CONTROLLERS:
+                directory = mounts[controller] / name.lstrip("/")
+                group.dirs[controller] = directory
+                missing_dirs = [d for d in (directory, *directory.parents) if not d.exists()]
+                for made in reversed(missing_dirs):
+                    try:
+                        made.mkdir()
+                    except FileExistsError:
+                        continue  # another stack made the same parent meanwhile: it is not ours to remove
+                    group.made.append(made)
+            group.memory = MemoryCgroup(group.dirs["memory"], int((group.dirs["memory"] / "memory.limit_in_bytes")
+                                                                  .read_text()))
+            if mem_limit is not None and not group.memory.set_limit(mem_limit):
+                raise RuntimeError(f"the kernel refused a memory limit of {mem_limit} bytes")
+            if cpus is not None:
+                group.set_cpus(cpus)
+        except BaseException:
+            group.remove()
+            raise
+        return group
+
+    @property
+    def cpu_quota(self) -> tuple[int, int]:
+        """(cfs_quota_us, cfs_period_us); a quota of -1 is no limit."""
+        read = lambda name: int((self.dirs["cpu"] / name).read_text())  # noqa: E731 - a local shorthand
+        return read("cpu.cfs_quota_us"), read("cpu.cfs_period_us")
+
+    def set_cpus(self, cpus: float | None) -> None:
+        """A CFS quota of `cpus` cores per period, as Docker sets for `cpus:`; None removes it."""
+        _, period = self.cpu_quota
+        (self.dirs["cpu"] / "cpu.cfs_quota_us").write_text(str(-1 if cpus is None else round(cpus * period)))
+
+    def cpu_stat(self) -> dict[str, int]:
+        """nr_periods, nr_throttled, throttled_time (ns): the kernel's CFS accounting for the quota."""
+        return _read_flat(self.dirs["cpu"] / "cpu.stat")
+
+    def wrap(self, argv: list[str]) -> list[str]:
+        """`argv`, started so that its pid is in the cgroup of every controller before it runs (exec keeps the
+        pid, so gunicorn's master and the workers it forks are all inside)."""
+        procs = sorted({str(d / "cgroup.procs") for d in self.dirs.values()})
+        script = 'for procs in "$@"; do [ "$procs" = -- ] && break; echo $$ > "$procs" || exit 1; done; ' \
+                 'while [ "$1" != -- ]; do shift; done; shift; exec "$@"'
+        return ["/bin/sh", "-c", script, "cgroup-enter", *procs, "--", *argv]
+
+    def pids(self) -> list[int]:
+        return self.memory.pids() if self.memory else []
+
+    def remove(self) -> None:
+        """Move whatever still runs in it back to the parents, then remove every directory this made."""
+        for directory in {*self.dirs.values()}:
+            if not directory.exists():
+                continue
+            for _ in range(50):
+                for pid in (directory / "cgroup.procs").read_text().split():
+                    try:
+                        (directory.parent / "cgroup.procs").write_text(pid)
+                    except ProcessLookupError:
+                        pass  # it exited meanwhile
+                if not (directory / "cgroup.procs").read_text().split():
+                    break
+                time.sleep(0.1)
+        own = {Path(directory) for directory in self.dirs.values()} | {
+            directory.parent for directory in self.dirs.values()}  # the service's cgroup and the stack's folder
+        for made in reversed(self.made):
+            for _ in range(50 if made in own else 1):
+                try:
+                    made.rmdir()
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    if made not in own:
+                        break  # a parent another stack's cgroups are in now: left (an empty folder costs nothing)
+                    time.sleep(0.1)  # the kernel still holds the last task
+            else:
+                raise RuntimeError(f"could not remove {made}")

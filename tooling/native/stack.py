@@ -226,6 +226,8 @@ class StackPorts:
     beyla: int  # nothing listens: Beyla needs kprobes, so its scrape target stays down, as it would
     edge: int  # Caddy in front of the app: what locust and users call
     edge_metrics: int  # Caddy's own metrics and health
+    node_exporter: int  # the host's metrics
+    cadvisor: int  # the app's cgroup (its container, natively): CPU, memory, their limits, OOM kills
 
     @classmethod
     def free(cls) -> StackPorts:
@@ -235,7 +237,9 @@ class StackPorts:
     def fixed(cls) -> StackPorts:
         return cls(app=5000, otlp_grpc=4317, otlp_http=4318, collector_health=13133, collector_metrics=8889,
                    collector_telemetry=8888, prometheus=9090, alertmanager=9093, tempo_sink=14317,
-                   loki_sink=3100, pyroscope_sink=4040, beyla=9400, edge=8080, edge_metrics=9180)
+                   loki_sink=3100, pyroscope_sink=4040, beyla=9400, edge=8080, edge_metrics=9180,
+                   # Compose publishes neither exporter; cAdvisor's own 8080 is the edge's on the host.
+                   node_exporter=9100, cadvisor=8081)
 
     def target_map(self) -> dict[str, str]:
         """compose host:port -> local address, for every target a config names."""
@@ -244,6 +248,8 @@ class StackPorts:
             "app:5000": local(self.app),
             "beyla:9400": local(self.beyla),
             "edge:9180": local(self.edge_metrics),
+            "node-exporter:9100": local(self.node_exporter),
+            "cadvisor:8080": local(self.cadvisor),
             "otel-collector:4317": local(self.otlp_grpc),
             "otel-collector:8889": local(self.collector_metrics),
             "otel-collector:8888": local(self.collector_telemetry),
@@ -334,6 +340,27 @@ def prometheus_feature_flags(compose_file: Path = COMPOSE_FILE) -> list[str]:
     return [arg for arg in compose_command("prometheus", compose_file) if arg.startswith("--enable-feature")]
 
 
+def node_exporter_flags(compose_file: Path = COMPOSE_FILE) -> list[str]:
+    """compose's flags for node-exporter except --path.rootfs (the container reads the host's root mounted at
+    /host; the native one runs on the host itself)."""
+    return [arg for arg in compose_command("node-exporter", compose_file) if not arg.startswith("--path.rootfs")]
+
+
+# compose's cAdvisor flags that the native build (cadvisor/native, our main around cAdvisor's packages) has;
+# the others are about Docker (docker_only, container labels), which the native tier does not run.
+CADVISOR_NATIVE_FLAGS = ("--enable_metrics=", "--housekeeping_interval=")
+
+
+def cadvisor_flags(compose_file: Path = COMPOSE_FILE) -> list[str]:
+    """Compose's flags the native build has, and one more metric kind: `process` (the app's open file
+    descriptors, container_file_descriptors). The native cAdvisor runs as root in the host's pid namespace,
+    so it can read the app's /proc/<pid>/fd; compose's cAdvisor has neither (docs/saturation.md), and would
+    report zeros."""
+    flags = [arg for arg in compose_command("cadvisor", compose_file) if arg.startswith(CADVISOR_NATIVE_FLAGS)]
+    return [f"{arg},process" if arg.startswith("--enable_metrics=") and "process" not in arg else arg
+            for arg in flags]
+
+
 def alertmanager_flags(compose_file: Path = COMPOSE_FILE) -> list[str]:
     """The flags compose gives Alertmanager besides its config and data paths (which are files inside
     the container), so the native one runs the same way; among them, no HA cluster listener."""
@@ -342,8 +369,14 @@ def alertmanager_flags(compose_file: Path = COMPOSE_FILE) -> list[str]:
 
 
 class NativeStack:
-    """Collector, Prometheus, Alertmanager and the app as local processes, with Tempo and Pyroscope as
-    capture sinks.
+    """Collector, Prometheus, Alertmanager, the edge, node-exporter, cAdvisor and the app as local processes,
+    with Tempo and Pyroscope as capture sinks.
+
+    The app runs in a cgroup of its own (`app_cgroup`, a tooling.native.container.ContainerCgroup: cpu, cpuacct
+    and memory, v1) with compose's `cpus` and `mem_limit` for the `app` service, as its container would, and
+    cAdvisor watches that cgroup alone. Where cgroups are not writable (not root), `app_cgroup` is None, one
+    message says so and why (`app_cgroup_problem`), and the app runs unlimited: its container series are
+    then absent. `app_cgroup=False` runs it unlimited on purpose, silently.
 
     The sinks run in this process (`tempo_sink`, `loki_sink`, `pyroscope_sink`) so callers can inspect
     what arrived.
@@ -354,7 +387,7 @@ class NativeStack:
 
     def __init__(self, run_dir: Path, ports: StackPorts | None = None, keep_traces: bool = True,
                  alert_webhook: str | None = None, extra_rule_files: tuple[Path, ...] = (),
-                 alert_route_timings: dict[str, str] | None = None):
+                 alert_route_timings: dict[str, str] | None = None, app_cgroup: bool = True):
         from tooling.native.sinks import LogsSink, OtlpSink, PyroscopeSink
 
         self.run_dir = run_dir.resolve()  # children run with it as cwd, so relative paths would break
@@ -373,6 +406,11 @@ class NativeStack:
         self.alertmanager: Managed | None = None
         self.app: Managed | None = None
         self.edge: Managed | None = None
+        self.node_exporter: Managed | None = None
+        self.cadvisor: Managed | None = None
+        self.want_app_cgroup = app_cgroup
+        self.app_cgroup = None  # a ContainerCgroup once up() made it
+        self.app_cgroup_problem = "" if app_cgroup else "not asked for (app_cgroup=False)"
         self.health_probe = None
 
     @property
@@ -456,10 +494,57 @@ class NativeStack:
         """prometheus-flask-exporter's PROMETHEUS_MULTIPROC_DIR (gunicorn empties it at each start)."""
         return self.run_dir / "app-multiproc"
 
+    def make_app_cgroup(self):
+        """The app's container cgroup with compose's limits for `app`, or None and one message saying why not."""
+        from tooling.native.container import NO_CGROUP_MESSAGE, ContainerCgroup, compose_cpus, compose_mem_limit
+
+        if self.app_cgroup is None and self.want_app_cgroup and not self.app_cgroup_problem:
+            try:
+                self.app_cgroup = ContainerCgroup.create("app", compose_mem_limit("app"), compose_cpus("app"))
+            except (OSError, RuntimeError) as exc:
+                self.app_cgroup_problem = str(exc)
+                print(f"NativeStack: {NO_CGROUP_MESSAGE.format(reason=exc)}", file=sys.stderr, flush=True)
+        return self.app_cgroup
+
+    def start_node_exporter(self) -> Managed:
+        from tooling.builds import binary
+
+        # The compose image's version, built from its Go module.
+        self.node_exporter = spawn(
+            "node-exporter",
+            [str(binary("node-exporter")), f"--web.listen-address=127.0.0.1:{self.ports.node_exporter}",
+             *node_exporter_flags()], dict(os.environ), self.run_dir, self.run_dir)
+        self._wait("node-exporter", self.node_exporter, f"http://127.0.0.1:{self.ports.node_exporter}/metrics")
+        return self.node_exporter
+
+    def start_cadvisor(self) -> Managed:
+        """cAdvisor (cadvisor/native, at the compose image's release) watching only this stack's cgroups: the
+        app's, or, without one, none but the root (whose series the cadvisor job drops)."""
+        from tooling.builds import binary
+        from tooling.native.container import NATIVE_CGROUP_PREFIX
+
+        group = self.make_app_cgroup()
+        # A folder no cgroup has, when there is none: a stack never reports another stack's app.
+        watched = f"{group.folder}/" if group else f"/{NATIVE_CGROUP_PREFIX}none-{os.getpid()}/"
+        self.cadvisor = spawn(
+            "cadvisor",
+            [str(binary("cadvisor")), f"--listen_address=127.0.0.1:{self.ports.cadvisor}",
+             f"--raw_cgroup_prefix_whitelist={watched}", *cadvisor_flags()],
+            dict(os.environ), self.run_dir, self.run_dir)
+        self._wait("cadvisor", self.cadvisor, f"http://127.0.0.1:{self.ports.cadvisor}/healthz")
+        return self.cadvisor
+
     def start_app(self) -> Managed:
+        import dataclasses
+
         from tooling.native.container import HealthProbe
 
-        self.app = start_app(self.app_settings, self.run_dir, multiproc_dir=self.app_multiproc_dir)
+        group = self.make_app_cgroup()
+        # Into the container cgroup first, then whatever the caller puts before the command (its wrapper
+        # runs inside ours, so a cgroup of its own for a controller wins for that controller).
+        settings = dataclasses.replace(self.app_settings, command_prefix=(
+            *(group.wrap([]) if group else ()), *self.app_settings.command_prefix))
+        self.app = start_app(settings, self.run_dir, multiproc_dir=self.app_multiproc_dir)
         # The image's HEALTHCHECK, run on its schedule as Docker would, so that every count the tests
         # compare with locust is taken with the probe's requests going on beside the load.
         if self.health_probe is None:
@@ -500,6 +585,8 @@ class NativeStack:
             # Before Prometheus, so that its first alerts find Alertmanager listening.
             self.start_alertmanager()
             self.start_prometheus()
+            self.start_node_exporter()
+            self.start_cadvisor()
             if with_app:
                 self.start_app()
             self.start_edge()
@@ -511,9 +598,13 @@ class NativeStack:
     def down(self) -> None:
         if self.health_probe is not None:
             self.health_probe.stop()
-        for managed in (self.edge, self.app, self.collector, self.prometheus, self.alertmanager):
+        for managed in (self.edge, self.app, self.collector, self.prometheus, self.alertmanager, self.node_exporter,
+                        self.cadvisor):
             if managed is not None:
                 managed.stop()
+        if self.app_cgroup is not None:
+            self.app_cgroup.remove()
+            self.app_cgroup = None
         self.tempo_sink.stop()
         self.loki_sink.stop()
         self.pyroscope_sink.stop()
@@ -525,6 +616,8 @@ class NativeStack:
             "prometheus": self.prometheus_url,
             "alertmanager": self.alertmanager_url,
             "collector metrics": self.collector_metrics_url,
+            "node-exporter": f"http://127.0.0.1:{self.ports.node_exporter}/metrics",
+            "cadvisor": f"http://127.0.0.1:{self.ports.cadvisor}/metrics",
             "collector health": f"http://127.0.0.1:{self.ports.collector_health}/",
             "tempo sink (OTLP gRPC)": f"127.0.0.1:{self.ports.tempo_sink}",
             "loki sink (OTLP HTTP)": f"{self.loki_sink.address}/otlp",
