@@ -124,19 +124,26 @@ def test_alert_rules_fire_and_stay_quiet_as_their_unit_tests_say(promtool, test_
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("rules, old, new, failing_case", [
+@pytest.mark.parametrize("test_name, rules, old, new, failing_case", [
     # The drift tolerance loosened from 10 % to 20 %: the 11 % case no longer fires.
-    ("dice-alerts.yaml", ") > 0.1\n", ") > 0.2\n", "otel counts 11 % less"),
+    ("dice-alerts.test.yaml", "dice-alerts.yaml", ") > 0.1\n", ") > 0.2\n", "otel counts 11 % less"),
     # The fastest page factor lowered from 14.4x to 14x: the case just under 14.4x now pages.
-    ("dice-slo.yaml", "(14.4 * 0.005)", "(14 * 0.005)", "availability: page 14.4x, just below"),
+    ("dice-slo.test.yaml", "dice-slo.yaml", "(14.4 * 0.005)", "(14 * 0.005)", "availability: page 14.4x, just below"),
+    # Throttling tolerated up to 35 %: the 30 % case no longer pages.
+    ("dice-saturation-alerts.test.yaml", "dice-alerts.yaml", 'ratio_rate1m{service="app"} > 0.25',
+     'ratio_rate1m{service="app"} > 0.35', "throttled in 30 % of periods"),
+    # The disk's horizon stretched from a day to two: the disk full in 31 hours now raises a ticket.
+    ("dice-saturation-alerts.test.yaml", "dice-alerts.yaml", "[6h], 24 * 3600)", "[6h], 48 * 3600)",
+     "a disk with 20 % free losing 1.2 GB an hour"),
 ])
-def test_alert_unit_tests_catch_a_wrong_threshold(promtool, tmp_path, rules, old, new, failing_case):
+def test_alert_unit_tests_catch_a_wrong_threshold(promtool, tmp_path, test_name, rules, old, new, failing_case):
     """Negative control: the unit tests fail, naming the edge case, against rules with a threshold moved."""
     original = (PROM_DIR / "rules" / rules).read_text()
     assert old in original
     (tmp_path / rules).write_text(original.replace(old, new))
-    (test_file,) = [t for t in ALERT_TESTS if rules in yaml.safe_load(t.read_text())["rule_files"][0]]
+    test_file = REPO_ROOT / "tests" / "data" / test_name
     spec = yaml.safe_load(test_file.read_text())
+    assert [Path(name).name for name in spec["rule_files"]] == [rules]
     spec["rule_files"] = [str(tmp_path / rules)]
     (tmp_path / "test.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     result = promtool("test", "rules", str(tmp_path / "test.yaml"))

@@ -78,15 +78,22 @@ def compress_expr(expr: str, factor: int) -> str:
     return re.sub(r"(?<=offset\s)\s*" + _DURATION, lambda m: duration(seconds(m.group(0).strip()) / factor), expr)
 
 
+# Alerts with no drill. HostDiskWillFillIn24h extrapolates the host's disk over 6 hours, from an hour of
+# history: divided by 10, a 36-minute trend of a test machine's disk, which every other process on it writes
+# to (Go builds, pytest's files), which predicts nothing, and which no test fires on purpose (promtool's
+# cases cover it). The committed alert is loaded as it is, and cannot fire in a test's first 2 hours.
+UNDRILLED = frozenset({"HostDiskWillFillIn24h"})
+
+
 def drift_drill(factor: int, rules: Path = DRIFT_RULES) -> str:
-    """The alerting rules of `rules` with their windows divided by `factor` (a rules file)."""
+    """The alerting rules of `rules` with their windows divided by `factor` (a rules file), but UNDRILLED."""
     if factor < 1:
         raise ValueError("factor must be a whole number >= 1")
     groups = []
     for group in yaml.safe_load(rules.read_text())["groups"]:
         alerts = []
         for rule in group["rules"]:
-            if "alert" not in rule:
+            if "alert" not in rule or rule["alert"] in UNDRILLED:
                 continue
             rule = dict(rule, expr=compress_expr(rule["expr"], factor),
                         labels={**rule.get("labels", {}), "drill": f"x{factor}"})
