@@ -24,9 +24,10 @@ REPO_ROOT = Path(__file__).resolve().parent.parent  # tests/ is one level below 
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 DOTENV_FILE = REPO_ROOT / ".env"
 
-# The services of the stack; `probe` runs the healthchecks the scratch/distroless images cannot.
+# The services of the stack; `probe` runs the healthchecks the scratch/distroless images cannot;
+# node-exporter and cadvisor measure the host's and each container's saturation.
 SERVICES = {"app", "edge", "beyla", "otel-collector", "prometheus", "alertmanager", "tempo", "loki", "pyroscope",
-            "grafana", "locust", "probe"}
+            "grafana", "locust", "probe", "node-exporter", "cadvisor"}
 
 # Our small Go program around Compose's own loader (compose-go), and where its builds are cached.
 
@@ -70,8 +71,24 @@ def _volumes(service: dict) -> list[tuple[str, str, str]]:
 
 
 def bind_mounts(service: dict) -> list[tuple[str, str]]:
-    """(source, target) of a service's bind mounts, sources relative to the repository."""
-    return [(source, target) for kind, source, target in _volumes(service) if kind == "bind"]
+    """(source, target) of a service's bind mounts of the project's files, sources relative to the repository."""
+    return [(source, target) for kind, source, target in _volumes(service)
+            if kind == "bind" and not source.startswith("/")]
+
+
+def host_mounts(service: dict) -> dict[str, tuple[str, set[str]]]:
+    """host path -> (target, options) of a service's bind mounts of the host's own paths (absolute sources:
+    the exporters' view of the machine), options as written after the target (ro, rslave...)."""
+    found = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            if volume.get("type") == "bind" and volume["source"].startswith("/"):
+                options = {"ro"} if volume.get("read_only") else set()
+                found[volume["source"]] = (volume["target"], options)
+        elif volume.startswith("/"):
+            source, target, *rest = volume.split(":")
+            found[source] = (target, set(rest[0].split(",")) if rest else set())
+    return found
 
 
 def named_volumes(service: dict) -> list[tuple[str, str]]:

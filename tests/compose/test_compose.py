@@ -25,6 +25,7 @@ from stackfiles import (
     compose,
     compose_text,
     dotenv,
+    host_mounts,
     named_volumes,
     raw_compose,
 )
@@ -119,9 +120,9 @@ def test_every_variable_is_defined_in_dotenv():
     assert used <= defined, f"used in docker-compose.yml but not defined in .env: {sorted(used - defined)}"
 
 
-# Read by the native tier's build before the service that runs its image is in docker-compose.yml: the edge
-# proxy's release (tooling/builds, row `caddy`). The entry must go once compose reads it.
-AHEAD_OF_COMPOSE = {"CADDY_VERSION": "tooling/builds/recipes.py"}
+# Read by the native tier's build before the service that runs its image is in docker-compose.yml (setting ->
+# the file that reads it). The entry must go once compose reads it; none today (the edge's caddy was one).
+AHEAD_OF_COMPOSE: dict[str, str] = {}
 
 
 def test_every_dotenv_setting_is_used():
@@ -331,6 +332,67 @@ def test_beyla_shares_the_app_pid_namespace_with_the_privileges_it_needs(service
     assert beyla["pid"] == "service:app"
     documented_caps = {"BPF", "PERFMON", "SYS_PTRACE", "DAC_READ_SEARCH", "CHECKPOINT_RESTORE", "NET_RAW", "SYS_ADMIN"}
     assert beyla.get("privileged") is True or documented_caps <= set(beyla.get("cap_add", []))
+
+
+# The host paths a service may see (everything else of the host is hidden from every container), all
+# read-only: what each exporter reads, docker-compose.yml says why.
+HOST_MOUNTS = {
+    # The host's root, under which node_exporter (--path.rootfs) reads /proc, /sys and every mount point.
+    "node-exporter": {"/": "/host"},
+    # The mounts of cAdvisor's docs (docs/running.md), /var/run narrowed to the Docker socket.
+    "cadvisor": {"/": "/rootfs", "/sys": "/sys", "/var/lib/docker": "/var/lib/docker",
+                 "/var/run/docker.sock": "/var/run/docker.sock"},
+}
+DOCKER_SOCKET = "/var/run/docker.sock"
+
+
+def test_only_the_exporters_see_the_host_and_only_read_it(services):
+    raw = raw_compose()["services"]
+    for name, service in raw.items():
+        mounts = host_mounts(service)
+        assert {source: target for source, (target, _) in mounts.items()} == HOST_MOUNTS.get(name, {}), name
+        for source, (_, options) in mounts.items():
+            assert "ro" in options, f"{name}: {source} is mounted writable"
+    # The Docker socket is root on the host, read-only or not: cAdvisor alone has it (container names and labels).
+    assert [name for name, service in raw.items() if DOCKER_SOCKET in host_mounts(service)] == ["cadvisor"]
+    # The host's root follows mounts made after the start (rslave), as node_exporter's README mounts it.
+    assert "rslave" in host_mounts(raw["node-exporter"])["/"][1]
+
+
+def test_the_exporters_run_with_the_least_privilege_they_need(services):
+    # Beyla alone is privileged; no service shares the host's pid namespace or network.
+    assert [name for name, service in services.items() if service.get("privileged")] == ["beyla"]
+    for name, service in services.items():
+        assert service.get("pid") in (None, "service:app"), f"{name}: pid {service['pid']}"
+        assert "network_mode" not in service, f"{name}: network_mode {service['network_mode']}"
+    for name in ("node-exporter", "cadvisor"):
+        service = services[name]
+        assert service["cap_drop"] == ["ALL"], name
+        assert service["read_only"] is True and "no-new-privileges:true" in service["security_opt"], name
+        assert not service.get("ports"), f"{name} publishes a port: its raw series are Prometheus's to show"
+    # node-exporter: the image's user (nobody), no capability, no device.
+    node = services["node-exporter"]
+    assert "user" not in node and not node.get("cap_add") and not node.get("devices")
+    assert node["command"] == ["--path.rootfs=/host"]
+    # cAdvisor: root (the cgroup files, Docker's state and socket are root's), the kernel log read for OOM
+    # kills, and the one capability that reading needs where kernel.dmesg_restrict=1.
+    cadvisor = services["cadvisor"]
+    assert cadvisor["cap_add"] == ["SYSLOG"]
+    assert cadvisor["devices"] == ["/dev/kmsg:/dev/kmsg:r"]
+    assert "oom_event" in next(flag for flag in cadvisor["command"] if flag.startswith("--enable_metrics="))
+
+
+def test_cadvisor_labels_series_with_the_compose_labels_only(services):
+    command = services["cadvisor"]["command"]
+    # The naming layer (prometheus/rules/) finds the app by its compose service label; no other label of any
+    # container becomes a series label.
+    assert "--store_container_labels=false" in command
+    assert "--whitelisted_container_labels=com.docker.compose.project,com.docker.compose.service" in command
+    assert "--docker_only=true" in command
+    rules = "".join(path.read_text() for path in (REPO_ROOT / "prometheus" / "rules").glob("*.yaml"))
+    used = set(re.findall(r"container_label_([a-z_]+)", rules))
+    assert "com_docker_compose_service" in used and used <= {"com_docker_compose_project",
+                                                             "com_docker_compose_service"}, used
 
 
 def test_beyla_scale_is_written_as_the_dotenv_switch():

@@ -536,7 +536,9 @@ def dashboard_queries(dashboard: dict) -> list[PanelQuery]:
     return queries
 
 
-def every_dashboard_loads_and_its_queries_return_data(backends: Backends) -> None:
+def every_dashboard_loads_and_its_queries_return_data(backends: Backends, empty_here: dict | None = None) -> None:
+    """`empty_here`: uid -> panel titles that this deployment rightly leaves empty (besides MAY_BE_EMPTY), each
+    with its reason where the caller passes it."""
     dashboards = [json.loads(path.read_text()) for path in (REPO_ROOT / "grafana" / "dashboards").glob("*.json")]
     files = {dashboard["uid"]: dashboard for dashboard in dashboards}
     auth = backends.grafana_admin
@@ -550,7 +552,7 @@ def every_dashboard_loads_and_its_queries_return_data(backends: Backends) -> Non
         # checks that none is left out).
         for panel_query in dashboard_queries(dashboard):
             frames = _panel_frames(backends, panel_query.query, panel_query.title)
-            if panel_query.panel in MAY_BE_EMPTY.get(uid, ()):
+            if panel_query.panel in (*MAY_BE_EMPTY.get(uid, ()), *(empty_here or {}).get(uid, ())):
                 frames()  # answers without an error; data only while an alert is pending or firing
             else:
                 poll(frames, 180, f"data for panel {panel_query.title!r} of {uid}: {panel_query.text}", interval=5)
@@ -566,3 +568,56 @@ def _panel_frames(backends: Backends, query: dict, title: str) -> Callable[[], l
         return [f for f in result.get("frames", []) if any(f.get("data", {}).get("values", []))]
 
     return frames
+
+
+# --- saturation: node-exporter and cAdvisor, through the naming layer (prometheus/rules/dice-saturation.yaml) ---
+MIB = 2**20
+
+
+def exporters_measure_the_host_and_the_app(backends: Backends, cpu_limit_cores: float, memory_limit_bytes: int,
+                                           kubelets: bool = False) -> dict:
+    """Both exporters scraped on every target, and the naming layer answering for the host and for the app's
+    container (service="app") with the limits the deployment gives the app (summed over replicas): one
+    query serves compose's Docker labels and the Kubernetes pod alike. `kubelets`: cAdvisor's targets are
+    the nodes' kubelets (then each target's `node` label is its node)."""
+    def measured():
+        up = backends.prometheus_query('up{job=~"node-exporter|cadvisor"}')
+        jobs = Counter(row["metric"]["job"] for row in up)
+        assert set(jobs) == {"node-exporter", "cadvisor"}, f"targets: {dict(jobs)}"
+        assert all(row["value"][1] == "1" for row in up), [(r["metric"], r["value"][1]) for r in up]
+        if kubelets:
+            # One kubelet and one node-exporter per node.
+            assert jobs["cadvisor"] == jobs["node-exporter"] and all(
+                row["metric"].get("node") for row in up if row["metric"]["job"] == "cadvisor"), up
+
+        def value(query: str) -> float:
+            rows = backends.prometheus_query(query)
+            assert len(rows) == 1, f"{query}: {rows}"
+            return float(rows[0]["value"][1])
+
+        found = {
+            "cpu_limit": value('dice:container_cpu_limit:cores{service="app"}'),
+            "memory_limit": value('dice:container_memory_limit:bytes{service="app"}'),
+            "working_set": value('dice:container_memory_working_set:bytes{service="app"}'),
+            "cpu_used": value('dice:container_cpu_usage:cores_rate1m{service="app"}'),
+            "throttled": value('dice:container_cpu_throttled_periods:ratio_rate1m{service="app"}'),
+            "oom_kills": value('dice:container_oom_events:increase5m{service="app"}'),
+        }
+        assert found["cpu_limit"] == cpu_limit_cores, found
+        assert found["memory_limit"] == memory_limit_bytes, found
+        # A running gunicorn holds tens of MiB, and the limit was not reached (nothing was OOM-killed).
+        assert 10 * MIB < found["working_set"] < memory_limit_bytes, found
+        assert 0 < found["cpu_used"] <= cpu_limit_cores and 0 <= found["throttled"] <= 1, found
+        assert found["oom_kills"] == 0, found
+        for rule in ("dice:node_cpu_busy:ratio_rate1m", "dice:node_memory_available:ratio",
+                     "dice:node_filesystem_free:ratio"):
+            rows = backends.prometheus_query(f'{rule}{{instance=~".+"}}')
+            assert rows and all(0 < float(row["value"][1]) < 1 for row in rows), f"{rule}: {rows}"
+        # The host moves bytes: at least Prometheus's own scrapes of node-exporter.
+        rows = backends.prometheus_query('dice:node_network_receive:bytes_rate1m{instance=~".+"}')
+        assert rows and all(float(row["value"][1]) > 0 for row in rows), rows
+        return found
+
+    found = poll(measured, 180, "node-exporter and cAdvisor through the naming layer", interval=5)
+    print(f"saturation of the app: {found}")
+    return found

@@ -41,7 +41,7 @@ import requests
 from backend_checks import PLAN, SERVICE, Backends, send_known_load, skip_unless, why_no_docker
 from stackfiles import EXPECTED_STATUS, REPO_ROOT, dotenv
 
-from tooling.k8s.render import BEYLA_NAMESPACE, NAMESPACE, OWNERS_IMAGE, zerocode_image
+from tooling.k8s.render import BEYLA_NAMESPACE, NAMESPACE, NODE_EXPORTER_NAMESPACE, OWNERS_IMAGE, zerocode_image
 from tooling.native.stack import poll
 from tooling.reports.compare import UNMATCHED, difference, take_snapshot
 
@@ -142,7 +142,8 @@ def install_stack(cluster: Cluster, env: dict[str, str]) -> None:
     # An app pod made before the Instrumentation existed is not injected: restart them, as the README says.
     if any(INIT_CONTAINER not in init_names(pod) for pod in cluster.app_pods()):
         cluster.k("-n", NAMESPACE, "rollout", "restart", f"deployment/{SERVICE}")
-    for namespace, kinds in ((NAMESPACE, "deployment,statefulset"), (BEYLA_NAMESPACE, "daemonset")):
+    for namespace, kinds in ((NAMESPACE, "deployment,statefulset"), (BEYLA_NAMESPACE, "daemonset"),
+                             (NODE_EXPORTER_NAMESPACE, "daemonset")):
         for name in cluster.k("-n", namespace, "get", kinds, "-o", "name").split():
             cluster.k("-n", namespace, "rollout", "status", name, "--timeout=600s", timeout=630)
 
@@ -155,7 +156,7 @@ def keep_logs(cluster: Cluster) -> None:
     LOG_DIR.mkdir(parents=True, exist_ok=True)
     (LOG_DIR / "pods.txt").write_text(cluster.k("get", "pods", "-A", "-o", "wide", check=False))
     (LOG_DIR / "events.txt").write_text(cluster.k("get", "events", "-A", "--sort-by=.lastTimestamp", check=False))
-    for namespace in (NAMESPACE, BEYLA_NAMESPACE, "opentelemetry-operator-system"):
+    for namespace in (NAMESPACE, BEYLA_NAMESPACE, NODE_EXPORTER_NAMESPACE, "opentelemetry-operator-system"):
         for pod in cluster.k("-n", namespace, "get", "pods", "-o", "name", check=False).split():
             text = cluster.k("-n", namespace, "logs", pod, "--all-containers", "--tail=2000", check=False)
             (LOG_DIR / f"{namespace}_{pod.removeprefix('pod/')}.log").write_text(text)
@@ -287,8 +288,10 @@ def test_every_workload_is_ready_with_two_app_replicas(cluster):
             assert item["status"].get("readyReplicas", 0) == wanted, f"{kind} {name}: {item['status']}"
             if name == SERVICE:
                 assert wanted == 2
-    (beyla,) = cluster.objects("daemonsets", BEYLA_NAMESPACE)
-    assert beyla["status"]["numberReady"] == beyla["status"]["desiredNumberScheduled"] >= 1, beyla["status"]
+    for namespace in (BEYLA_NAMESPACE, NODE_EXPORTER_NAMESPACE):
+        (daemonset,) = cluster.objects("daemonsets", namespace)
+        status = daemonset["status"]
+        assert status["numberReady"] == status["desiredNumberScheduled"] >= 1, (namespace, status)
 
 
 def test_the_owners_image_holds_nothing_of_ours():
@@ -364,6 +367,22 @@ def test_grafana_datasources_are_healthy(backends):
 
 def test_every_provisioned_dashboard_loads_and_its_queries_return_data(backends, load):
     checks.every_dashboard_loads_and_its_queries_return_data(backends)
+
+
+def test_node_exporter_and_the_kubelets_cadvisor_measure_the_nodes_and_the_app(backends, load):
+    """node-exporter's DaemonSet on every node, every kubelet's cAdvisor scraped with nodes/metrics only, and
+    the naming layer giving the dice-api pods' container service="app", with the limits of k8s/stack/app.yaml
+    summed over its replicas."""
+    from tooling.k8s.render import kustomize_build
+
+    (deployment,) = [o for o in kustomize_build(REPO_ROOT / "k8s") if o["kind"] == "Deployment"
+                     and o["metadata"]["name"] == SERVICE]
+    (container,) = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == SERVICE]
+    limits, replicas = container["resources"]["limits"], deployment["spec"]["replicas"]
+    cpu = float(limits["cpu"][:-1]) / 1000 if str(limits["cpu"]).endswith("m") else float(limits["cpu"])
+    assert str(limits["memory"]).endswith("Mi"), limits
+    memory = int(str(limits["memory"]).removesuffix("Mi")) * 2**20
+    checks.exporters_measure_the_host_and_the_app(backends, cpu * replicas, memory * replicas, kubelets=True)
 
 
 # --- what Kubernetes adds ----------------------------------------------------------------------------

@@ -437,8 +437,10 @@ def test_golden_signals_shows_latency_traffic_errors_and_saturation_per_route():
     assert "process_cpu_time_seconds_total" in exprs_of(saturation)
     for panel in saturation:
         if "$source" not in exprs_of([panel]):
-            # Read from one source only: the title and description must say which.
-            name = "OpenTelemetry" if 'telemetry_source="otel"' in exprs_of([panel]) else "Beyla"
+            # Read from one source only (or one exporter, below): the title and description must say which.
+            exporter = exporter_of(exprs_of([panel]))
+            name = EXPORTER_NAMES[exporter] if exporter else (
+                "OpenTelemetry" if 'telemetry_source="otel"' in exprs_of([panel]) else "Beyla")
             assert name in panel["title"] and "does not follow the source" in panel["description"], panel["title"]
 
 
@@ -808,3 +810,183 @@ def test_entrypoint_is_mounted_where_compose_runs_it():
     assert grafana["command"] == ["/run.sh"]
     # The generated password lives in the data volume: it survives restarts and goes with `down -v`.
     assert ("grafana-data", "/var/lib/grafana") in named_volumes(grafana)
+
+
+# --- saturation: cAdvisor and node-exporter through the naming layer -------------------------------------------
+SATURATION_RULES_FILE = REPO_ROOT / "prometheus" / "rules" / "dice-saturation.yaml"
+# What each exporter's naming-layer rules are called, and the condition every query reading them ends with: no
+# value while a target of that exporter is down, which the panel's noValue then names ("exporter down").
+EXPORTER_RULES = {"cadvisor": ("dice:container_", "dice:process_open_fds"), "node-exporter": ("dice:node_",)}
+EXPORTER_UP = {exporter: f'and on() (min(up{{job="{exporter}"}}) == 1)' for exporter in EXPORTER_RULES}
+EXPORTER_NAMES = {"cadvisor": "cAdvisor", "node-exporter": "node-exporter"}
+SATURATION_DASHBOARDS = ("golden-signals", "stack-overview")
+
+
+def saturation_rules() -> set[str]:
+    return {rule["record"] for group in yaml.safe_load(SATURATION_RULES_FILE.read_text())["groups"]
+            for rule in group["rules"] if "record" in rule}
+
+
+def exporter_of(expr: str) -> str | None:
+    """The exporter whose naming-layer rules a query reads, or None; a query may read one exporter only."""
+    found = {exporter for exporter, prefixes in EXPORTER_RULES.items()
+             if any(metric.startswith(prefixes) for metric in selected_metrics(expr))}
+    assert len(found) <= 1, f"one exporter per query, so that its noValue can name the one that is down: {expr}"
+    return found.pop() if found else None
+
+
+def saturation_panels(dashboard: dict) -> list[tuple[dict, str]]:
+    """(panel, exporter) of every panel that reads the naming layer's saturation rules."""
+    found = []
+    for panel in panels(dashboard):
+        exporters = {exporter_of(target.get("expr", "")) for target in panel.get("targets", [])}
+        if exporters - {None}:
+            assert len(exporters) == 1, f"{panel['title']!r}: every query of the panel reads the same exporter"
+            found.append((panel, exporters.pop()))
+    return found
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", SATURATION_DASHBOARDS)
+def test_saturation_panels_read_only_the_naming_layer(name):
+    # One query serves compose, Kubernetes and the native tier: no raw cAdvisor or node_exporter series, whose
+    # labels differ per origin, only the rules that give the app's container service="app".
+    rules = saturation_rules()
+    found = saturation_panels(load_dashboard(name))
+    assert len(found) >= 8, [panel["title"] for panel, _ in found]
+    for panel, exporter in found:
+        for target in panel["targets"]:
+            metrics = selected_metrics(target["expr"]) - {"up"}
+            assert metrics <= rules, f"{panel['title']!r}: {metrics - rules} is not a naming-layer rule"
+            if exporter == "cadvisor":
+                # The app's container, by its compose service name, in every selector.
+                selectors = re.findall(r"dice:(?:container_\w+|process_open_fds)(?::\w+)?\{([^}]*)\}", target["expr"])
+                assert selectors and set(selectors) == {'service="app"'}, f"{panel['title']!r}: {selectors}"
+        assert EXPORTER_NAMES[exporter] in panel["title"] + panel["description"], panel["title"]
+
+
+@pytest.mark.unit
+def test_golden_signals_shows_every_saturation_rule_beside_beylas_process_view():
+    golden = load_dashboard("golden-signals")
+    saturation = sections(golden)["Saturation"]
+    shown = set().union(*(selected_metrics(exprs_of([panel])) for panel, _ in saturation_panels(golden)))
+    assert saturation_rules() <= shown, f"not on Golden signals: {saturation_rules() - shown}"
+    assert {panel["id"] for panel, _ in saturation_panels(golden)} <= {panel["id"] for panel in saturation}
+    # Beyla's per-process CPU and RSS stay, as the view where eBPF runs.
+    assert 'process_cpu_time_seconds_total{telemetry_source="ebpf"' in exprs_of(saturation)
+    assert 'process_memory_usage_bytes{telemetry_source="ebpf"' in exprs_of(saturation)
+    # The overview's row has the app's CPU, throttling, memory and OOM kills, and the host's four.
+    overview = set().union(*(selected_metrics(exprs_of([panel]))
+                             for panel, _ in saturation_panels(load_dashboard("stack-overview"))))
+    assert {rule for rule in saturation_rules() if "restarts" not in rule and "open_fds" not in rule} <= overview
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("name", SATURATION_DASHBOARDS)
+def test_saturation_panels_say_exporter_down_instead_of_zero(name):
+    for panel, exporter in saturation_panels(load_dashboard(name)):
+        for target in panel["targets"]:
+            # Gated on the exporter's targets being up: no value (never a 0 from a window over old samples)
+            # while one is down...
+            assert target["expr"].endswith(EXPORTER_UP[exporter]), f"{panel['title']!r}: {target['expr']}"
+        # ...and then the panel says so, where Grafana would say "No data".
+        no_value = panel["fieldConfig"]["defaults"].get("noValue", "")
+        assert "exporter down" in no_value, panel["title"]
+        assert EXPORTER_NAMES[exporter] in no_value, panel["title"]
+
+
+def saturation_input_series() -> list[dict]:
+    """Both exporters' series as Prometheus scrapes them in compose (cAdvisor's compose labels), every 15 s for
+    10 minutes: the exporters up for the first 5 minutes, then down while their last series stay (which shows
+    that the gate alone blanks the panels; for real, the series of a failed scrape go stale too)."""
+    app = ('container_label_com_docker_compose_project="dice-observability", '
+           'container_label_com_docker_compose_service="app", id="/system.slice/docker-0a1b.scope", '
+           'name="dice-observability-app-1", instance="cadvisor:8080", job="cadvisor"')
+    node = 'instance="node-exporter:9100", job="node-exporter"'
+    disk = f'{node}, device="/dev/sda1", fstype="ext4", mountpoint="/"'
+    return [
+        {"series": 'up{job="cadvisor", instance="cadvisor:8080"}', "values": "1x20 0x20"},
+        {"series": 'up{job="node-exporter", instance="node-exporter:9100"}', "values": "1x20 0x20"},
+        # Half a core used of a one-core quota; 10 CFS periods a second, 2 of them throttled.
+        {"series": f"container_cpu_usage_seconds_total{{{app}}}", "values": "0+7.5x40"},
+        {"series": f"container_spec_cpu_quota{{{app}}}", "values": "100000x40"},
+        {"series": f"container_spec_cpu_period{{{app}}}", "values": "100000x40"},
+        {"series": f"container_cpu_cfs_periods_total{{{app}}}", "values": "0+150x40"},
+        {"series": f"container_cpu_cfs_throttled_periods_total{{{app}}}", "values": "0+30x40"},
+        # 256 MiB of a 512 MiB limit; one OOM kill at 2 min 15 s; 42 open file descriptors.
+        {"series": f"container_memory_working_set_bytes{{{app}}}", "values": "268435456x40"},
+        {"series": f"container_spec_memory_limit_bytes{{{app}}}", "values": "536870912x40"},
+        {"series": f"container_oom_events_total{{{app}}}", "values": "0x8 1x31"},
+        {"series": f"container_file_descriptors{{{app}}}", "values": "42x40"},
+        # One CPU, idle 80% of the time; a quarter of the memory available; 30% of / free; 100 B/s in, 50 out.
+        {"series": f'node_cpu_seconds_total{{{node}, cpu="0", mode="idle"}}', "values": "0+12x40"},
+        {"series": f'node_cpu_seconds_total{{{node}, cpu="0", mode="iowait"}}', "values": "0x40"},
+        {"series": f"node_memory_MemAvailable_bytes{{{node}}}", "values": "1000000000x40"},
+        {"series": f"node_memory_MemTotal_bytes{{{node}}}", "values": "4000000000x40"},
+        {"series": f"node_filesystem_avail_bytes{{{disk}}}", "values": "30000000000x40"},
+        {"series": f"node_filesystem_size_bytes{{{disk}}}", "values": "100000000000x40"},
+        {"series": f'node_network_receive_bytes_total{{{node}, device="eth0"}}', "values": "0+1500x40"},
+        {"series": f'node_network_transmit_bytes_total{{{node}, device="eth0"}}', "values": "0+750x40"},
+    ]
+
+
+# What each saturation query answers on saturation_input_series() while both exporters are up: (dashboard,
+# panel title, refId) -> {labels: value}.
+APP = '{service="app"}'
+HOST = '{instance="node-exporter:9100"}'
+SATURATION_EXPECTED = {
+    ("golden-signals", "App CPU against its limit, in cores (cAdvisor)", "A"): {APP: 0.5},
+    ("golden-signals", "App CPU against its limit, in cores (cAdvisor)", "B"): {APP: 1.0},
+    ("golden-signals", "Share of the app's CPU periods throttled (cAdvisor)", "A"): {APP: 0.2},
+    ("golden-signals", "App memory working set against its limit (cAdvisor)", "A"): {APP: 268435456},
+    ("golden-signals", "App memory working set against its limit (cAdvisor)", "B"): {APP: 536870912},
+    # Compose has no restarts series (the naming layer's rule is Kubernetes-only): the OOM kill alone.
+    ("golden-signals", "App OOM kills (5 min) and container restarts (1 h) (cAdvisor)", "A"):
+        {'{service="app", what="OOM kills, 5 min"}': 1.0},
+    ("golden-signals", "App open file descriptors (cAdvisor)", "A"): {APP: 42},
+    ("golden-signals", "Host CPU busy, per host (node-exporter)", "A"): {HOST: 0.2},
+    ("golden-signals", "Host memory available, per host (node-exporter)", "A"):
+        {'{instance="node-exporter:9100", job="node-exporter"}': 0.25},
+    ("golden-signals", "Host filesystem free, per mount point (node-exporter)", "A"):
+        {'{device="/dev/sda1", fstype="ext4", instance="node-exporter:9100", job="node-exporter", mountpoint="/"}':
+         0.3},
+    ("golden-signals", "Host network, bytes per second (node-exporter)", "A"): {HOST: 100},
+    ("golden-signals", "Host network, bytes per second (node-exporter)", "B"): {HOST: 50},
+    ("stack-overview", "App CPU, share of its limit", "A"): {APP: 0.5},
+    ("stack-overview", "App CPU periods throttled", "A"): {APP: 0.2},
+    ("stack-overview", "App memory, share of its limit", "A"): {APP: 0.5},
+    ("stack-overview", "App OOM kills, last 5 minutes", "A"): {APP: 1.0},
+    ("stack-overview", "Host CPU busy", "A"): {"{}": 0.2},
+    ("stack-overview", "Host memory available", "A"): {"{}": 0.25},
+    ("stack-overview", "Host disk free, fullest filesystem", "A"): {"{}": 0.3},
+    ("stack-overview", "Host network, bytes per second", "A"): {"{}": 150},
+}
+
+
+@pytest.mark.integration  # builds Prometheus's promtool
+def test_saturation_panels_answer_from_both_exporters_and_say_nothing_while_one_is_down(tmp_path):
+    """Every saturation query, through the naming layer's rules as Prometheus loads them, on both exporters'
+    series: the figures the inputs imply while the exporters are up (4 min), and no value at all while they
+    are down (9 min), where the panels' noValue says "exporter down"."""
+    queries = {(name, panel["title"], target["refId"]): target["expr"]
+               for name in SATURATION_DASHBOARDS for panel, _ in saturation_panels(load_dashboard(name))
+               for target in panel["targets"]}
+    assert set(queries) == set(SATURATION_EXPECTED), set(queries) ^ set(SATURATION_EXPECTED)
+    tests = []
+    for key, expr in sorted(queries.items()):
+        # promtool compares floats exactly: both sides rounded to 0.001.
+        rounded = f"round({expr}, 0.001)"
+        tests.append({"expr": rounded, "eval_time": "4m",
+                      "exp_samples": [{"labels": labels, "value": round(value, 3)}
+                                      for labels, value in SATURATION_EXPECTED[key].items()]})
+        tests.append({"expr": rounded, "eval_time": "9m", "exp_samples": []})
+    spec = {"rule_files": [str(SATURATION_RULES_FILE)], "evaluation_interval": "15s",
+            "tests": [{"interval": "15s", "input_series": saturation_input_series(), "promql_expr_test": tests}]}
+    path = tmp_path / "saturation-panels.test.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    from tooling.builds import binaries
+
+    result = subprocess.run([str(binaries("prometheus")[1]), "test", "rules", str(path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    print(f"{len(queries)} saturation queries: the inputs' figures with both exporters up, nothing while down")

@@ -511,7 +511,7 @@ def test_pod_security_admits_the_pod_of_every_workload(cluster, render):
     Deployments, StatefulSets and a DaemonSet, which it lets through. So the Pod each of them would make is
     created with --dry-run=server: in dice-observability ("restricted") every one must pass, the edge with
     the one capability restricted allows (NET_BIND_SERVICE, which its caddy binary carries as a file
-    capability); Beyla's in its "privileged" namespace."""
+    capability); Beyla's and node-exporter's each in its "privileged" namespace."""
     objects = documents(render(K8S_DIR))
     cluster.ensure_namespaces(objects)
     namespaces = {o["metadata"]["name"]: o["metadata"]["labels"] for o in objects if o["kind"] == "Namespace"}
@@ -530,6 +530,15 @@ def test_pod_security_admits_the_pod_of_every_workload(cluster, render):
     assert edge["metadata"]["namespace"] == "dice-observability"
     assert edge["spec"]["containers"][0]["securityContext"]["capabilities"] == {
         "drop": ["ALL"], "add": ["NET_BIND_SERVICE"]}
+    # The host agents are admitted in their "privileged" namespaces only: node-exporter's Pod (the node's
+    # network, a hostPath of /) is refused where the rest of the stack runs, naming both reasons.
+    (node,) = [p for p in pods if p["metadata"]["labels"].get("app.kubernetes.io/name") == "node-exporter"]
+    assert node["metadata"]["namespace"] == "dice-observability-node-exporter"
+    moved = {**node, "metadata": {**node["metadata"], "namespace": "dice-observability"}}
+    refused = cluster.kubectl("create", "--dry-run=server", "-o", "json", "-f", "-", input=yaml.safe_dump(moved))
+    assert refused.returncode != 0, "restricted admitted node-exporter's Pod"
+    assert "violates PodSecurity" in refused.stderr and "hostNetwork" in refused.stderr \
+        and "hostPath" in refused.stderr, refused.stderr
     print(f"Pod Security admitted {len(accepted)} Pods: " +
           ", ".join(sorted(f"{p['metadata']['namespace']}/{p['metadata']['name']}" for p in accepted)))
 

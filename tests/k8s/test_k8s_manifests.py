@@ -41,6 +41,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S = REPO_ROOT / "k8s"
 NS = k8s_render.NAMESPACE
 BEYLA_NS = k8s_render.BEYLA_NAMESPACE
+NODE_NS = k8s_render.NODE_EXPORTER_NAMESPACE
+# The workloads with host privileges, each alone in its privileged namespace (the documented exceptions).
+HOST_WORKLOADS = {"beyla": BEYLA_NS, "node-exporter": NODE_NS}
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "DaemonSet"}
 # The app.env keys whose value the Instrumentation changes: the collector's and Pyroscope's addresses.
 ADDRESS_KEYS = {"OTEL_EXPORTER_OTLP_ENDPOINT", "PYROSCOPE_SERVER_ADDRESS"}
@@ -254,6 +257,11 @@ def test_every_image_tag_comes_from_dotenv(objects, compose, dotenv):
         if "build" in service:
             continue
         image, _, tag = service["image"].partition(":")
+        if name in k8s_render.KUBELET_SERVICES:
+            # Not run: the kubelet embeds it. Nor tagged in images/ (a tag for no image would go stale unseen).
+            assert image not in {i["name"] for i in yaml.safe_load((K8S / "images" / "kustomization.yaml")
+                                                                    .read_text())["images"]}, image
+            continue
         variable = re.fullmatch(r"\$\{([A-Z_]+)(:?[?-].*)?\}", tag)
         assert variable, f"compose service {name}: the tag {tag} is not one .env variable"
         expected[image] = dotenv[variable[1]]
@@ -292,7 +300,7 @@ def test_no_version_is_written_by_hand_in_k8s(dotenv):
 
 def test_every_workload_has_requests_limits_and_a_readiness_probe(objects):
     assert {w["metadata"]["name"] for w in workloads(objects)} == {
-        "dice-api", "edge", "otel-collector", "locust-master", "locust-worker", "beyla", *BACKENDS}
+        "dice-api", "edge", "otel-collector", "locust-master", "locust-worker", *HOST_WORKLOADS, *BACKENDS}
     for workload in workloads(objects):
         for container in pod_spec(workload)["containers"]:
             where = f"{workload['metadata']['name']}/{container['name']}"
@@ -313,8 +321,8 @@ def compose_service_of(workload_name: str) -> str:
 def test_every_workload_but_beyla_runs_non_root_without_privileges(objects, compose):
     for workload in workloads(objects):
         name = workload["metadata"]["name"]
-        if name == "beyla":
-            continue
+        if name in HOST_WORKLOADS:
+            continue  # below, each on its own
         # Capabilities: none, but what compose's service adds back (the edge: NET_BIND_SERVICE, which the
         # caddy binary carries as a file capability), and never more than Pod Security "restricted" allows.
         added = compose["services"][compose_service_of(name)].get("cap_add", [])
@@ -348,11 +356,59 @@ def test_beyla_is_the_documented_exception(objects):
     assert set(context["capabilities"]["add"]) == documented
     # The API server refuses allowPrivilegeEscalation: false together with SYS_ADMIN.
     assert "allowPrivilegeEscalation" not in context
-    # Only Beyla needs the privileged namespace; the stack's enforces "restricted".
+    # Only Beyla and node-exporter need a privileged namespace, each its own; the stack's enforces "restricted".
     namespaces = {o["metadata"]["name"]: o["metadata"]["labels"] for o in objects if o["kind"] == "Namespace"}
+    assert set(namespaces) == {NS, *HOST_WORKLOADS.values()}
     assert namespaces[NS]["pod-security.kubernetes.io/enforce"] == "restricted"
-    assert namespaces[BEYLA_NS]["pod-security.kubernetes.io/enforce"] == "privileged"
-    assert [w["metadata"]["name"] for w in workloads(objects) if w["metadata"]["namespace"] == BEYLA_NS] == ["beyla"]
+    for name, namespace in HOST_WORKLOADS.items():
+        assert namespaces[namespace]["pod-security.kubernetes.io/enforce"] == "privileged"
+        assert [w["metadata"]["name"] for w in workloads(objects) if w["metadata"]["namespace"] == namespace] == [name]
+
+
+def test_node_exporter_reads_the_node_read_only_with_no_privilege_but_its_network(objects, compose):
+    daemonset = find(objects, "DaemonSet", "node-exporter", NODE_NS)
+    spec = pod_spec(daemonset)
+    # The node's network namespace (its interfaces' counters), not its pids or IPC; no API token.
+    assert spec["hostNetwork"] is True and not spec.get("hostPID") and not spec.get("hostIPC")
+    assert spec["automountServiceAccountToken"] is False
+    pod = spec["securityContext"]
+    assert pod["runAsNonRoot"] is True and pod["runAsUser"] == 65534
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = spec["containers"]
+    context = container["securityContext"]
+    assert context == {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                       "capabilities": {"drop": ["ALL"]}}
+    # Compose's command and memory limit; the node's root read-only where --path.rootfs says.
+    service = compose["services"]["node-exporter"]
+    assert container["args"] == compose_command(service) == ["--path.rootfs=/host"]
+    assert quantity(container["resources"]["limits"]["memory"]) == 64 * 2**20
+    assert service["mem_limit"] == "64m"
+    (mount,) = container["volumeMounts"]
+    assert mount["mountPath"] == "/host" and mount["readOnly"] is True
+    assert mount["mountPropagation"] == "HostToContainer"
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert volumes[mount["name"]]["hostPath"]["path"] == "/" and len(volumes) == 1
+
+
+def test_prometheus_scrapes_every_kubelets_cadvisor_with_nodes_metrics_only(objects, prometheus):
+    k8s, source = prometheus
+    job = jobs(k8s)["cadvisor"]
+    assert job["kubernetes_sd_configs"] == [{"role": "node"}]
+    assert job["scheme"] == "https" and job["metrics_path"] == "/metrics/cadvisor"
+    assert job["authorization"] == {"credentials_file": "/var/run/secrets/kubernetes.io/serviceaccount/token"}
+    # Compose's relabelling of what is stored, unchanged (the naming layer reads the same names).
+    assert job["metric_relabel_configs"] == jobs(source)["cadvisor"]["metric_relabel_configs"]
+    # Prometheus's ServiceAccount may list Nodes and read their kubelets' metrics, and no more of nodes: not
+    # nodes/proxy (the kubelet's exec and attach), nothing written.
+    account = pod_spec(find(objects, "StatefulSet", "prometheus", NS))["serviceAccountName"]
+    cluster_rules = [rule for role in objects if role["kind"] == "ClusterRole"
+                     and bound(objects, "ClusterRole", role["metadata"]["name"], account, NS) for rule in role["rules"]]
+    assert rules_allow(cluster_rules, "", "nodes", ["list", "watch"])
+    assert rules_allow(cluster_rules, "", "nodes/metrics", ["get"])
+    node_resources = {resource for rule in cluster_rules for resource in rule["resources"]
+                      if resource.startswith("nodes")}
+    assert node_resources == {"nodes", "nodes/metrics"}, node_resources
+    assert {verb for rule in cluster_rules for verb in rule["verbs"]} <= {"get", "list", "watch"}
 
 
 def test_backends_are_single_replica_statefulsets_with_volumes_where_compose_keeps_them(objects, compose):
@@ -374,6 +430,8 @@ def test_each_compose_service_has_its_workload(objects, compose):
     for service in compose["services"]:
         if service == "probe":
             continue  # Kubernetes probes each container itself
+        if service in k8s_render.KUBELET_SERVICES:
+            continue  # every kubelet embeds it (cAdvisor): Prometheus scrapes the kubelets
         expected = "locust-master" if service == "locust" else k8s_render.service_name(service)
         assert expected in names, service
 
@@ -644,7 +702,10 @@ def test_prometheus_keeps_compose_jobs_labels_and_relabelling(prometheus):
     for name, job in jobs(k8s).items():
         original = jobs(source)[name]
         # Everything but the targets is compose's: metric_relabel_configs, honor_labels, limits, intervals.
+        # A kubelet's job also says how to reach a kubelet (its HTTPS port, path and credentials).
         targets = ("kubernetes_sd_configs", "relabel_configs", "static_configs")
+        if name in k8s_render.KUBELET_SERVICES:
+            targets += ("metrics_path", *k8s_render.KUBELET_SCRAPE)
         assert {k: v for k, v in job.items() if k not in targets} == \
             {k: v for k, v in original.items() if k not in targets}, name
         # Compose's relabelling (telemetry_source) comes last, after the pod selection.
@@ -667,6 +728,9 @@ def test_prometheus_discovers_every_replica_and_beyla_pod(objects, prometheus):
             assert name == "prometheus" and job["static_configs"] == [{"targets": ["localhost:9090"]}]
             continue
         (sd,) = job["kubernetes_sd_configs"]
+        if name in k8s_render.KUBELET_SERVICES:
+            assert sd == {"role": "node"}, name  # every node's kubelet: the test above
+            continue
         assert sd["role"] == "pod"
         namespaces = [NS] if sd["namespaces"] == {"own_namespace": True} else sd["namespaces"]["names"]
         keep = job["relabel_configs"][0]
@@ -687,6 +751,9 @@ def test_prometheus_discovers_every_replica_and_beyla_pod(objects, prometheus):
             assert roles, f"prometheus cannot list pods in {namespace}"
     assert discovered["app"]["metadata"]["name"] == k8s_render.service_name("app")
     assert discovered["beyla"]["kind"] == "DaemonSet"
+    assert discovered["node-exporter"]["kind"] == "DaemonSet"
+    assert discovered["node-exporter"]["metadata"]["namespace"] == NODE_NS
+    assert set(jobs(k8s)) - set(discovered) == {"prometheus", *k8s_render.KUBELET_SERVICES}
     assert discovered["otel-collector"]["metadata"]["name"] == "otel-collector"
     assert discovered["alertmanager"]["metadata"]["name"] == "alertmanager"
     # The edge's own metrics (compose's edge:9180): every edge pod, on its metrics port.

@@ -10,9 +10,10 @@ generated, so that one source stays the truth:
   and the APP_PROFILE file with only addresses changed), the owners' serving settings of the same file,
   and verbatim copies of the collector, Tempo, Loki, Pyroscope, Alertmanager and Grafana files and the
   rule files. Prometheus's config is compose's with every static target of a compose service replaced by
-  Kubernetes pod discovery; the collector gets a second ``--config`` adding ``k8s_attributes`` to every
-  pipeline. The edge's Caddy config is compose's with each upstream dial of a compose service (app:5000)
-  as that service's Kubernetes Service (dice-api:5000); its edge.env is copied verbatim (the collector's
+  Kubernetes pod discovery (cAdvisor's by node discovery of every kubelet, which embeds it); the collector
+  gets a second ``--config`` adding ``k8s_attributes`` to every pipeline. The edge's Caddy config is
+  compose's with each upstream dial of a compose service (app:5000) as that service's Kubernetes Service
+  (dice-api:5000); its edge.env is copied verbatim (the collector's
   name is the same in the namespace). A kustomize component there turns the files into ConfigMaps.
 - ``k8s/beyla/generated/``: compose's Beyla config with Kubernetes discovery and metadata.
 
@@ -42,17 +43,35 @@ from tooling.native.edge import load_config as load_edge_config
 
 K8S_DIR = REPO_ROOT / "k8s"
 
-# The stack's namespace, and Beyla's (the one that allows host privileges).
+# The stack's namespace, and the two that allow host privileges, each holding the one DaemonSet that needs
+# them: Beyla's (eBPF) and node-exporter's (the host's network, and its root read-only).
 NAMESPACE = "dice-observability"
 BEYLA_NAMESPACE = "dice-observability-beyla"
+NODE_EXPORTER_NAMESPACE = "dice-observability-node-exporter"
 # Folders of k8s/ that hold only generated files (everything else in k8s/ is written by hand).
 GENERATED_DIRS = ("images", "stack/generated", "beyla/generated")
 
 # Compose service -> Kubernetes Service (and Deployment) name, where they differ. The app is named by its
 # OpenTelemetry service name (app/app.env), which is also its Deployment's name; Beyla has no Service.
 RENAMED_SERVICES = {"app": "dice-api"}
-# Services whose pods live in Beyla's namespace.
-BEYLA_SERVICES = {"beyla"}
+# Services whose pods live in a privileged namespace of their own (the rest live in NAMESPACE).
+HOST_SERVICES = {"beyla": BEYLA_NAMESPACE, "node-exporter": NODE_EXPORTER_NAMESPACE}
+# Compose services that Kubernetes runs already: every kubelet embeds cAdvisor and serves its metrics at
+# this path of its HTTPS port. Their Prometheus job scrapes each node's kubelet instead of a pod of ours,
+# and their image is not run (nor in images/).
+KUBELET_SERVICES = {"cadvisor": "/metrics/cadvisor"}
+# How Prometheus reaches a kubelet: with its ServiceAccount's token, which the kubelet checks by a
+# TokenReview and authorizes, for a path under /metrics, as `get` on nodes/metrics (k8s/stack/prometheus.yaml
+# grants that, nothing of nodes/proxy). A kubelet's serving certificate is self-signed unless the cluster
+# has it signed (kubeadm's and kind's default: serverTLSBootstrap off), so its name cannot be verified
+# against the cluster's CA; where the cluster signs kubelet certificates, replace insecure_skip_verify with
+# ca_file (the ServiceAccount's ca.crt).
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+KUBELET_SCRAPE = {
+    "scheme": "https",
+    "authorization": {"credentials_file": f"{SERVICE_ACCOUNT_DIR}/token"},
+    "tls_config": {"insecure_skip_verify": True},
+}
 
 # Our instrumentation image (the Operator's Python layout: /autoinstrumentation with our pins, hooks and
 # pyroscope-io); its tag is the version of the zerocode package that it carries.
@@ -154,7 +173,7 @@ def compose_images(root: Path = REPO_ROOT) -> dict[str, str]:
     env = dotenv(root)
     images = {}
     for name, service in compose(root)["services"].items():
-        if "build" in service or "image" not in service:
+        if "build" in service or "image" not in service or name in KUBELET_SERVICES:
             continue
         image, tag = split_image(interpolate(service["image"], env))
         if not tag:
@@ -172,7 +191,7 @@ def service_name(compose_service: str) -> str:
 
 
 def service_namespace(compose_service: str) -> str:
-    return BEYLA_NAMESPACE if compose_service in BEYLA_SERVICES else NAMESPACE
+    return HOST_SERVICES.get(compose_service, NAMESPACE)
 
 
 def cluster_address(value: str, services: set[str]) -> str:
@@ -368,6 +387,8 @@ def _pod_discovery_job(job: dict, services: set[str]) -> dict:
     if len(targets) != 1 or any(set(static) - {"targets"} for static in job["static_configs"]):
         raise ValueError(f"job {job['job_name']}: one static target of a compose service is all that is mapped")
     host, _, port = targets[0].rpartition(":")
+    if host in KUBELET_SERVICES:
+        return _kubelet_job(job, KUBELET_SERVICES[host])
     namespace = service_namespace(host)
     discovery = {"role": "pod",
                  "namespaces": {"own_namespace": True} if namespace == NAMESPACE else {"names": [namespace]}}
@@ -390,6 +411,23 @@ def _pod_discovery_job(job: dict, services: set[str]) -> dict:
             mapped["kubernetes_sd_configs"] = [discovery]
             mapped["relabel_configs"] = relabel + copy.deepcopy(job.get("relabel_configs", []))
         elif key != "relabel_configs":
+            mapped[key] = copy.deepcopy(value)
+    return mapped
+
+
+def _kubelet_job(job: dict, path: str) -> dict:
+    """A compose job of a service the kubelet embeds (cAdvisor): every node's kubelet, found by node discovery
+    (its address and HTTPS port from the Node's status), at `path`; compose's metric relabelling unchanged."""
+    mapped = {}
+    for key, value in job.items():
+        if key == "static_configs":
+            mapped["metrics_path"] = path
+            mapped.update(copy.deepcopy(KUBELET_SCRAPE))
+            mapped["kubernetes_sd_configs"] = [{"role": "node"}]
+            # Which node, by name (the target's instance is the kubelet's address).
+            mapped["relabel_configs"] = [{"source_labels": ["__meta_kubernetes_node_name"], "target_label": "node"}]
+            mapped["relabel_configs"] += copy.deepcopy(job.get("relabel_configs", []))
+        elif key not in ("relabel_configs", "metrics_path", "scheme"):
             mapped[key] = copy.deepcopy(value)
     return mapped
 
