@@ -6,6 +6,7 @@ test_service_configs, test_consistency) and the docker tier.
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -230,3 +231,21 @@ def assert_unaffected(before: dict, during: dict, after: dict | None = None) -> 
     # the tail) of each later phase within twice the baseline's plus 20 ms. A delay of a few hundred ms
     # per request, under the ceilings above, still fails here.
     assert all(p["p50_ms"] <= 2 * before["p50_ms"] + 20 for p in phases[1:]), ("median above the baseline", phases)
+
+
+def app_routes() -> set[str]:
+    """The paths of the app's Flask routes, read from app/app.py without importing it."""
+    tree = ast.parse((REPO_ROOT / "app" / "app.py").read_text())
+    routes = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef):
+            for decorator in node.decorator_list:
+                if (
+                    isinstance(decorator, ast.Call)
+                    and isinstance(decorator.func, ast.Attribute)
+                    and decorator.func.attr in {"route", "get"}
+                    and decorator.args
+                    and isinstance(decorator.args[0], ast.Constant)
+                ):
+                    routes.add(decorator.args[0].value)
+    return routes

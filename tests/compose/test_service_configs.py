@@ -11,14 +11,13 @@ them when an image is upgraded (a test fails until DOCUMENTED_VERSIONS matches .
 
 from __future__ import annotations
 
-import ast
 import re
 from datetime import date
 from pathlib import Path
 
 import pytest
 import yaml
-from stackfiles import REPO_ROOT, compose, dotenv, named_volumes, service_ports
+from stackfiles import REPO_ROOT, app_routes, compose, dotenv, named_volumes, service_ports
 
 pytestmark = pytest.mark.unit
 
@@ -136,24 +135,6 @@ BEYLA_FEATURES = {
 @pytest.fixture(scope="module")
 def beyla() -> dict:
     return load("beyla/beyla-config.yaml")
-
-
-def app_routes() -> set[str]:
-    """The paths of the app's Flask routes, read from app/app.py without importing it."""
-    tree = ast.parse((REPO_ROOT / "app" / "app.py").read_text())
-    routes = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef):
-            for decorator in node.decorator_list:
-                if (
-                    isinstance(decorator, ast.Call)
-                    and isinstance(decorator.func, ast.Attribute)
-                    and decorator.func.attr in {"route", "get"}
-                    and decorator.args
-                    and isinstance(decorator.args[0], ast.Constant)
-                ):
-                    routes.add(decorator.args[0].value)
-    return routes
 
 
 def test_beyla_uses_only_documented_keys(beyla):

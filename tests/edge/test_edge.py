@@ -127,7 +127,7 @@ def test_prometheus_scrapes_the_edge_and_its_config_is_the_committed_one(traced)
 def test_the_edge_routes_are_the_apps():
     """The edge names a request's route itself (it cannot ask Flask): its table must be the app's routes, each
     matched exactly and case-sensitively as Flask matches, everything else the catch-all "/**"."""
-    from test_service_configs import app_routes
+    from stackfiles import app_routes
 
     config = edge.load_config()
     table = edge.route_table(config)

@@ -232,7 +232,7 @@ def test_collector_job_keeps_the_exporters_job_and_instance():
 def test_the_app_job_keeps_only_the_apps_routes_and_standard_methods():
     import re
 
-    from test_service_configs import app_routes
+    from stackfiles import app_routes
 
     guard = jobs()["app"]["metric_relabel_configs"][0]
     assert guard["source_labels"] == ["path", "method"]
