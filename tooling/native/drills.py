@@ -20,6 +20,7 @@ Nothing here is used by the stack itself: drills exist only in tests, and so do 
 
 from __future__ import annotations
 
+import json
 import re
 import tempfile
 import time
@@ -138,6 +139,7 @@ def slo_drill(factor: int, spec: Path = SPEC) -> str:
 # ----------------------------------------------------------------------------- what the tests share
 
 ROUTE_TIMINGS = {"group_wait": "5s", "group_interval": "10s", "repeat_interval": "1h"}
+TIMINGS_DIR = REPO_ROOT / ".cache" / "alert-timings"  # fault -> notification seconds of the last run, per file
 
 
 @contextmanager
@@ -173,6 +175,12 @@ def drill_stack(run_dir: Path, drift_factors: tuple[int, ...], slo_factor: int |
                   f"group_interval {ROUTE_TIMINGS['group_interval']}):")
             for what, seconds in times.items():
                 print(f"  {what}: {seconds:.0f} s")
+            # Kept where a CI run leaves them too (pytest-xdist swallows the print): the README's table of
+            # alert timings is read from these files.
+            record = TIMINGS_DIR / f"{run_dir.name.rstrip('0123456789')}.json"
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"date": time.strftime("%Y-%m-%d %H:%M %Z"),
+                                          "seconds": {what: round(s) for what, s in times.items()}}, indent=2))
 
 
 @dataclass
