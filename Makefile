@@ -51,11 +51,14 @@ k8s: $(STAMP) ## regenerate k8s/'s copies of the compose configs (a test fails w
 test: $(STAMP) ## the unit and integration tiers (the docker tiers are make e2e and make e2e-k8s)
 	@# The Go builds at once: with warm Go caches they are mostly linking, one core each.
 	$(MAKE) --no-print-directory -j5 collector prometheus alertmanager sloth edge exporters k8s-tools test-tools
-	@# Two workers, a test file each at a time: most integration time is waiting on export and scrape
-	@# intervals, so two files share the two cores without crowding each other. The docker tiers need a
-	@# Docker engine and, for kind, release downloads: they are their own targets, never part of this one.
+	@# Two workers, a test file each at a time, the longest files first (tests/conftest.py, LONGEST_FIRST):
+	@# most integration time is waiting on export, scrape and alert intervals, and the three alert files
+	@# alone take 28 of 44 test-minutes. A third worker ran the suite in 18 minutes instead of 23, but its
+	@# contention failed two tests that need the machine's spare CPU (the flood's service-graph capacity, a
+	@# CPU quota that bites). The docker tiers need a Docker engine and, for kind, release downloads: they
+	@# are their own targets, never part of this one.
 	@echo "make test: unit and integration tiers; the docker tiers are 'make e2e' (compose) and 'make e2e-k8s' (kind)"
-	$(PY) -m pytest -n 2 --dist loadfile -m "not e2e"
+	$(PY) -m pytest -n 2 --dist loadfile --no-loadscope-reorder -m "not e2e"
 
 lint: $(STAMP) ## ruff
 	$(VENV)/bin/ruff check .
@@ -71,7 +74,7 @@ DURATION ?= 60
 compare: $(STAMP) collector prometheus alertmanager ## run a load scenario and compare every source with what locust sent (SCENARIO=, DURATION=)
 	$(PY) -m tooling.reports.compare --scenario $(SCENARIO) --duration $(DURATION) $(COMPARE_ARGS)
 
-bench: $(STAMP) collector prometheus ## what observing costs: every mode side by side, about 10 minutes (needs wrk)
+bench: $(STAMP) collector prometheus ## what observing costs: the profiles side by side, about 9 minutes (needs wrk; BENCH_ARGS=--in-process: the levers)
 	@command -v wrk >/dev/null || { echo "make bench needs wrk, the closed-loop load generator: sudo apt-get install wrk"; exit 1; }
 	$(PY) -m tooling.reports.bench $(BENCH_ARGS)
 

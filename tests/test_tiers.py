@@ -36,3 +36,13 @@ def test_a_test_without_a_tier_fails_the_collection(tmp_path):
     assert "tests without a tier marker" in result.stdout + result.stderr
     assert "test_sample.py::test_forgotten" in result.stdout + result.stderr
     assert "test_tiered" not in (result.stdout + result.stderr).split("tests without a tier marker")[1]
+
+
+def test_the_longest_files_run_first_and_exist():
+    from conftest import LONGEST_FIRST, REPO_ROOT
+
+    missing = [path for path in LONGEST_FIRST if not (REPO_ROOT / path).is_file()]
+    assert not missing, f"conftest.LONGEST_FIRST names files that do not exist (renamed?): {missing}"
+    result = collect(TESTS, "-m", "not e2e")
+    files = list(dict.fromkeys(line.split("::")[0] for line in result.stdout.splitlines() if "::" in line))
+    assert files[:len(LONGEST_FIRST)] == list(LONGEST_FIRST), files[:12]
