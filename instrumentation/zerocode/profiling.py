@@ -11,6 +11,9 @@ PYROSCOPE_SERVER_ADDRESS       where profiles are pushed; unset turns profiling 
 PYROSCOPE_TAGS                 extra series labels, ``key=value,key=value``                none
 PYROSCOPE_UPLOAD_INTERVAL      seconds between uploads; what is pending at exit is lost    10
 PYROSCOPE_SAMPLE_RATE          samples per second                                          100
+PYROSCOPE_SPAN_PROFILES        ``true``/``false``: label samples with the root span's id    true
+                               (Grafana's trace-to-profile link); ``false`` saves its
+                               per-span work (README, "What observing costs")
 =============================  ==========================================================  =========
 
 The application name is the OTel ``service.name``, so Grafana's trace-to-profile link matches. Nothing
@@ -45,6 +48,7 @@ class ProfilingSettings:
     tags: dict[str, str] = field(default_factory=dict)
     upload_interval: int = DEFAULT_UPLOAD_INTERVAL
     sample_rate: int = DEFAULT_SAMPLE_RATE
+    span_profiles: bool = True
 
 
 def _ensure_visible_logging(logger: logging.Logger = log) -> None:
@@ -97,6 +101,12 @@ def parse_positive_int(name: str, value: str) -> int:
     return number
 
 
+def parse_bool(name: str, value: str) -> bool:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise SettingError(f"{name}={value!r} is neither true nor false")
+
+
 def service_name() -> str:
     """The OTel service.name of the configured SDK, so profiles and traces share one name."""
     try:
@@ -133,6 +143,7 @@ def settings_from_env(environ: dict[str, str] | os._Environ[str] = os.environ) -
         tags=_optional(environ, "PYROSCOPE_TAGS", parse_tags, {}),
         upload_interval=_optional(environ, "PYROSCOPE_UPLOAD_INTERVAL", parse_positive_int, DEFAULT_UPLOAD_INTERVAL),
         sample_rate=_optional(environ, "PYROSCOPE_SAMPLE_RATE", parse_positive_int, DEFAULT_SAMPLE_RATE),
+        span_profiles=_optional(environ, "PYROSCOPE_SPAN_PROFILES", parse_bool, True),
     )
 
 
@@ -194,14 +205,14 @@ def start(environ: dict[str, str] | os._Environ[str] = os.environ) -> ProfilingS
         return None
     _start_agent(settings)
     os.register_at_fork(after_in_child=lambda: _restart_in_child(settings))
-    span_profiles = _add_span_processor()
+    span_profiles = settings.span_profiles and _add_span_processor()
     # Checked in the background: a slow DNS lookup or a dead server must not delay the app's start.
     threading.Thread(
         target=_warn_if_unreachable, args=(settings.server_address,), name="pyroscope-reachability", daemon=True
     ).start()
     log.info(
-        "Pyroscope profiling started as %r to %s every %ss (span profiles %s)",
-        settings.application_name, settings.server_address, settings.upload_interval,
+        "Pyroscope profiling started as %r to %s every %ss at %d Hz (span profiles %s)",
+        settings.application_name, settings.server_address, settings.upload_interval, settings.sample_rate,
         "on" if span_profiles else "off",
     )
     return settings

@@ -192,3 +192,26 @@ def test_service_graph_pairs_every_kept_trace(run, kept):
     # that locust abandoned at its stop (a CLIENT span without a server: "unknown").
     others = {edge: n for edge, n in edges.items() if edge != ("locust", "dice-api")}
     assert set(others) <= {("locust", "unknown")} and sum(others.values()) <= len(kept["abandoned"]), others
+
+
+def test_log_records_at_warning_and_above_are_exported_with_their_trace_ids_and_info_is_not(run):
+    # The profile's OTEL_PYTHON_LOG_HANDLER_LEVEL: the app's `Dice rolled` (INFO, one per `/`) stays on its
+    # stdout only; each `/fail` writes one ERROR record (`Unhandled error`, logged by the app's own error
+    # handler), exported in the trace of its request, whether or not the sampler kept that trace.
+    stack, sent = run["stack"], run["sent"]
+    failures = sent[("/fail", "500")]
+    assert failures and sent[("/", "200")], f"the load must exercise both levels: {dict(sent)}"
+
+    def exported():
+        records = stack.loki_sink.records("dice-api")
+        errors = [r for r in records if str(r.body).startswith("Unhandled error")]
+        assert len(errors) == failures, (len(errors), failures)
+        return records
+
+    records = poll(exported, 30, f"one ERROR record per /fail, {failures}")
+    levels = Counter(r.severity for r in records)
+    print(f"\nrecords exported by level {dict(levels)}; /fail sent {failures}, / sent {sent[('/', '200')]}")
+    assert all(r.record.severity_number >= 13 for r in records), f"below WARNING exported: {dict(levels)}"
+    assert not [r for r in records if str(r.body).startswith("Dice rolled")]
+    assert all(len(r.trace_id) == 32 and r.trace_id != "0" * 32 and r.span_id for r in records
+               if str(r.body).startswith("Unhandled error"))

@@ -49,6 +49,7 @@ def test_bad_server_address_is_a_warning_naming_the_setting(caplog, address):
     ("PYROSCOPE_UPLOAD_INTERVAL", "soon", "upload_interval", profiling.DEFAULT_UPLOAD_INTERVAL),
     ("PYROSCOPE_UPLOAD_INTERVAL", "-1", "upload_interval", profiling.DEFAULT_UPLOAD_INTERVAL),
     ("PYROSCOPE_SAMPLE_RATE", "1.5", "sample_rate", profiling.DEFAULT_SAMPLE_RATE),
+    ("PYROSCOPE_SPAN_PROFILES", "no", "span_profiles", True),
 ])
 def test_bad_optional_setting_falls_back_with_a_warning_naming_it(caplog, name, value, attribute, default):
     settings = profiling.settings_from_env({"PYROSCOPE_SERVER_ADDRESS": "http://pyroscope:4040", name: value})
@@ -61,9 +62,9 @@ def test_settings_are_read_from_the_environment(monkeypatch):
     monkeypatch.setenv("OTEL_SERVICE_NAME", "dice-api")
     settings = profiling.settings_from_env({
         "PYROSCOPE_SERVER_ADDRESS": "http://pyroscope:4040/", "PYROSCOPE_TAGS": "env=demo, team = sre",
-        "PYROSCOPE_UPLOAD_INTERVAL": "3", "PYROSCOPE_SAMPLE_RATE": "50"})
+        "PYROSCOPE_UPLOAD_INTERVAL": "3", "PYROSCOPE_SAMPLE_RATE": "50", "PYROSCOPE_SPAN_PROFILES": "False"})
     assert settings == profiling.ProfilingSettings(
-        "http://pyroscope:4040", "dice-api", {"env": "demo", "team": "sre"}, 3, 50)
+        "http://pyroscope:4040", "dice-api", {"env": "demo", "team": "sre"}, 3, 50, False)
 
 
 @pytest.mark.unit
@@ -388,3 +389,57 @@ def test_every_worker_exports_its_log_records_over_otlp_with_the_trace_context(s
     instances = {kv.value.string_value for resource, _ in rolled for kv in resource.attributes
                  if kv.key == "service.instance.id"}
     assert len(instances) == 2, f"records from {len(instances)} workers, expected both"
+
+
+@pytest.mark.unit
+def test_wsgi_only_serves_flask_through_the_middleware_without_routes(monkeypatch):
+    # The benchmark's `wsgi-only` lever: one SERVER span per request from OTel's WSGI middleware, named by the
+    # method and the raw path, without http.route (the middleware runs before Flask matches the route).
+    import flask
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+    from zerocode import wsgi_only
+
+    monkeypatch.setattr(flask.Flask, "wsgi_app", flask.Flask.wsgi_app)
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    assert wsgi_only.instrument(tracer_provider=provider) is True
+    assert wsgi_only.instrument(tracer_provider=provider) is False, "a second call must not wrap twice"
+    client = _tiny_app().test_client()
+    paths = ("/ok", "/boom", "/no-such-page")
+    statuses = []
+    for path in paths:
+        with client.get(path) as response:  # the middleware ends its span when the answer is closed
+            statuses.append(response.status_code)
+    assert statuses == [200, 500, 404]
+    spans = [(s.name, s.kind, s.attributes.get("http.route"), s.attributes.get("http.response.status_code",
+                                                                             s.attributes.get("http.status_code")))
+             for s in exporter.get_finished_spans()]
+    expected = [(f"GET {path}", SpanKind.SERVER, None, code) for path, code in zip(paths, statuses, strict=True)]
+    assert spans == expected, spans
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("settings, warning", [
+    ({"ZEROCODE_HTTP_INSTRUMENTATION": "wsgi"}, "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS=flask"),
+    ({"ZEROCODE_HTTP_INSTRUMENTATION": "asgi", "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS": "flask"},
+     "ZEROCODE_HTTP_INSTRUMENTATION='asgi'"),
+    ({}, None),
+])
+def test_wsgi_only_is_off_unless_both_settings_ask_for_it(monkeypatch, caplog, settings, warning):
+    import flask
+    from zerocode import wsgi_only
+
+    monkeypatch.setattr(flask.Flask, "wsgi_app", flask.Flask.wsgi_app)
+    original = flask.Flask.wsgi_app
+    for name in ("ZEROCODE_HTTP_INSTRUMENTATION", "OTEL_PYTHON_DISABLED_INSTRUMENTATIONS"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    wsgi_only.post_instrument()
+    assert flask.Flask.wsgi_app is original
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (warnings == []) if warning is None else (len(warnings) == 1 and warning in warnings[0]), warnings

@@ -340,13 +340,15 @@ def test_the_image_installs_the_app_and_the_hooks_and_nothing_else_of_ours():
     modules = {p.relative_to(REPO_ROOT / "instrumentation").as_posix()
                for p in (REPO_ROOT / "instrumentation").rglob("*.py")}
     assert modules == {"zerocode/__init__.py", "zerocode/profiling.py", "zerocode/flask_errors.py",
-                       "zerocode/latency.py"}
+                       "zerocode/latency.py", "zerocode/wsgi_only.py"}
 
 
 def test_each_package_declares_what_it_imports():
     for folder, pyproject, ours in ((REPO_ROOT / "instrumentation" / "zerocode",
                                      REPO_ROOT / "instrumentation" / "pyproject.toml", {"zerocode"}),
-                                    (REPO_ROOT / "tooling", REPO_ROOT / "pyproject.toml", {"tooling"})):
+                                    # The benchmark's in-process driver imports the app under observation
+                                    # from app/, as gunicorn's `app:app` does: not a dependency.
+                                    (REPO_ROOT / "tooling", REPO_ROOT / "pyproject.toml", {"tooling", "app"})):
         needs = declared(pyproject)
         for top, files in imported_top_levels(folder).items():
             if top in ours:
