@@ -58,7 +58,7 @@ MODES: tuple[Mode, ...] = (
     Mode("full", "otel + Pyroscope at 100 Hz with span profiles: every signal (app/profile-full.env)"),
     Mode("no-recording", "spans started but not recorded or exported (sampler always_off)",
          {"OTEL_TRACES_SAMPLER": "always_off"}, lever=True),
-    Mode("no-sdk-metrics", "no SDK metrics: no MeterProvider, the instruments are no-ops",
+    Mode("no-sdk-metrics", "SDK metrics not exported: a MeterProvider without readers (still recorded)",
          {"OTEL_METRICS_EXPORTER": "none"}, lever=True),
     Mode("no-exemplars", "the SDK's histogram without exemplars",
          {"OTEL_METRICS_EXEMPLAR_FILTER": "always_off"}, lever=True),
