@@ -37,17 +37,19 @@ def traced(tmp_path_factory):
         assert sent > 50 and truth["locust_totals"]["num_failures"] == 0, truth["locust_totals"]
 
         def all_arrived():
-            kinds = Counter((_service(s), s.span.kind) for s in stack.tempo_sink.spans())
+            kinds = Counter((_service(s), s.span.kind) for s in answered(stack.tempo_sink.spans()))
             counts = [kinds[key] for key in CHAIN]
             assert len(set(counts)) == 1 and counts[0] >= sent, f"spans per kind {counts} ({CHAIN}), sent {sent}"
             return True
 
         # The health probe connects to the app's port and sends nothing: every SERVER span is locust's. The
         # processes export on their own schedules: wait until each has sent as many spans as the others.
-        # 60 s: once (1 run in 5 on 2026-12-07, the other worker busy) 30 s were not enough; the message
-        # now says which kind was short.
-        poll(all_arrived, 60, f"at least {sent} spans of each kind in the trace sink")
-        yield {"stack": stack, "truth": truth, "sent": sent, "spans": stack.tempo_sink.spans()}
+        poll(all_arrived, 30, f"at least {sent} spans of each kind in the trace sink")
+        spans = stack.tempo_sink.spans()
+        # A request locust abandoned when the run stopped (a user's greenlet ended before it was sent) leaves a
+        # CLIENT span without an answer and nothing at the edge: at most one per user (seen: 1 in 5 runs).
+        assert len(spans) - len(answered(spans)) <= USERS, "more unanswered locust spans than users"
+        yield {"stack": stack, "truth": truth, "sent": sent, "spans": answered(spans)}
     finally:
         stack.down()
 
@@ -55,6 +57,12 @@ def traced(tmp_path_factory):
 # One trace per request, from the root down: (service.name, span kind).
 CHAIN = (("locust", Span.SPAN_KIND_CLIENT), ("edge", Span.SPAN_KIND_SERVER), ("edge", Span.SPAN_KIND_CLIENT),
          ("dice-api", Span.SPAN_KIND_SERVER))
+
+
+def answered(spans: list) -> list:
+    """Every span but locust's CLIENT spans of requests that got no answer (no response status)."""
+    return [s for s in spans if not (_service(s) == "locust" and s.span.kind == Span.SPAN_KIND_CLIENT)
+            or "http.status_code" in s.attributes or "http.response.status_code" in s.attributes]
 
 
 def _service(span) -> str:
