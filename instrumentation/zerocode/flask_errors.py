@@ -3,7 +3,8 @@
 The OTel Flask instrumentation records an exception only when it escapes the app. The dice API, like most
 real apps, has a catch-all `@app.errorhandler(Exception)` that turns failures into a JSON 500, so the span
 would say ERROR but not why. Wrapping `Flask.handle_user_exception` from outside adds the exception event
-(`exception.type`, `exception.message`, `exception.stacktrace`) without touching the app.
+(`exception.type`, `exception.message`, `exception.stacktrace`) without touching the app. An exception that no
+handler takes escapes the app, and the instrumentation records it itself: it is left to it.
 
 Only the event is added; the span's status is left to the instrumentation, which derives it from the
 HTTP status the handler finally answers (on a SERVER span: 5xx is ERROR, anything else stays unset). An
@@ -32,12 +33,16 @@ def instrument() -> bool:
 
     @functools.wraps(original)
     def handle_user_exception(self, e):
+        # Flask re-raises an exception no handler of the app takes: the Flask instrumentation records what
+        # escapes the app, so recording it here too would leave two events (seen with httpbin's /drip). Only
+        # what a handler turns into an answer is recorded, once that answer exists.
+        answer = original(self, e)
         # HTTP errors such as 404 are answers, not failures: only real exceptions are recorded.
         if not isinstance(e, HTTPException):
             span = trace.get_current_span()
             if span.is_recording():
                 span.record_exception(e)
-        return original(self, e)
+        return answer
 
     setattr(handle_user_exception, _WRAPPED_FLAG, True)
     flask.Flask.handle_user_exception = handle_user_exception
