@@ -27,6 +27,8 @@ from opentelemetry.distro import OpenTelemetryConfigurator
 from opentelemetry.sdk import _configuration as sdk_configuration
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 
+from zerocode import instances
+
 log = logging.getLogger("zerocode.latency")
 
 INSTRUMENT = "http.server.request.duration"
@@ -75,6 +77,8 @@ class Configurator(OpenTelemetryConfigurator):
     """
 
     def _configure(self, **kwargs):
+        # Before the SDK reads its resource: a spawned worker must not export under its parent's instance id.
+        instances.claim()
         views = request_duration_views()
         original = sdk_configuration.MeterProvider
 

@@ -18,12 +18,28 @@ PYROSCOPE_SPAN_PROFILES        ``true``/``false``: label samples with the root s
 
 The application name is the OTel ``service.name``, so Grafana's trace-to-profile link matches. Nothing
 here may ever crash or block the app: bad settings are logged as warnings that name the setting.
+
+Every worker gets its own agent, however the server made it, and no process gets two:
+
+- a process where the hook runs (a single process, a gunicorn master, each child that
+  ``uvicorn --workers`` or hypercorn *spawns*: a fresh interpreter re-runs sitecustomize and the hook) starts
+  one here, at most once per pid, however many times the hook is called;
+- a *forked* child (gunicorn workers, multiprocessing's fork and forkserver children) does not re-run the
+  hook and inherits an agent whose threads died in the fork, so ``os.register_at_fork`` starts a new one;
+- multiprocessing's helper interpreters (its resource tracker, which ``uvicorn --workers`` starts, and its
+  forkserver) serve nothing: profiling them would only add an idle series under their own pid. The
+  forkserver still passes the fork hook on to the workers it forks.
+
+What the agent holds at exit is uploaded by :func:`flush` (atexit here; zerocode.servers calls it where a
+server's exit skips atexit), within a few seconds even when the server does not answer.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -35,6 +51,17 @@ log = logging.getLogger("zerocode.profiling")
 DEFAULT_UPLOAD_INTERVAL = 10
 DEFAULT_SAMPLE_RATE = 100
 REACHABILITY_TIMEOUT_S = 2.0
+# Uploading what is pending at exit waits for the server's answer (10 s when it never comes): bounded.
+EXIT_FLUSH_TIMEOUT_S = 3.0
+
+# The `-c` command with which multiprocessing starts its helper interpreters (Python 3.11 to 3.14,
+# resource_tracker.py and forkserver.py); seen under `uvicorn --workers 2`: `python -B -c "from
+# multiprocessing.resource_tracker import main;main(6)"`. Spawned workers run `...spawn import spawn_main`.
+_HELPER_COMMAND = re.compile(r"\s*from\s+multiprocessing\.(resource_tracker|forkserver)\s+import\s+main\b")
+
+# Per interpreter. `pid` is the process whose agent runs (a forked child inherits the parent's value, which
+# is how it knows its agent is gone); `settings` is what a forked child starts its agent with.
+_agent = {"pid": None, "settings": None, "hooks_registered": False, "span_processor": False}
 
 
 class SettingError(ValueError):
@@ -161,13 +188,89 @@ def _start_agent(settings: ProfilingSettings) -> None:
     )
 
 
-def _restart_in_child(settings: ProfilingSettings) -> None:
+def multiprocessing_helper(orig_argv: list[str]) -> str | None:
+    """The helper's module (``multiprocessing.resource_tracker`` or ``.forkserver``) when the interpreter's
+    command line (``sys.orig_argv``) is one of multiprocessing's helpers, else None."""
+    # Only the interpreter's own options count: they end at -c, -m or the script (`python -m gunicorn -c
+    # conf.py` is gunicorn's -c). -W and -X may take their value as the next word.
+    words = iter(orig_argv[1:])
+    for word in words:
+        if word in ("-W", "-X"):
+            next(words, None)
+        elif re.fullmatch(r"-[bBdEhiIOPqsSuvx]*c", word):
+            match = _HELPER_COMMAND.match(next(words, ""))
+            return f"multiprocessing.{match.group(1)}" if match else None
+        elif word == "-m" or not word.startswith("-") or word == "-":
+            return None
+    return None
+
+
+def agent_runs_here() -> bool:
+    return _agent["pid"] == os.getpid()
+
+
+def _start_agent_once(settings: ProfilingSettings) -> bool:
+    """Start this process's agent unless it has one already: two agents would upload every sample twice."""
+    if agent_runs_here():
+        return False
+    _start_agent(settings)
+    _agent["pid"] = os.getpid()
+    return True
+
+
+def _restart_in_child() -> None:
     # The agent's sampler thread does not survive fork(), so a gunicorn worker would otherwise be
     # profiled by nobody while the idle master keeps uploading.
+    settings = _agent["settings"]
+    if settings is None:
+        return
     try:
-        _start_agent(settings)
+        _start_agent_once(settings)
     except Exception as exc:  # noqa: BLE001 - a worker must start even if profiling cannot
         log.warning("Pyroscope could not restart in worker pid %d: %s", os.getpid(), exc)
+
+
+def flush(timeout_s: float = EXIT_FLUSH_TIMEOUT_S) -> bool:
+    """Upload what this process's agent holds and stop it; True when that finished within timeout_s.
+
+    pyroscope.shutdown() uploads the pending profile (seen: a 1.5 s burn reached the server with a 60 s
+    upload interval) but waits up to 10 s for a server that accepts and never answers, so it runs in a
+    daemon thread that the exit does not wait for beyond timeout_s. Later calls in this pid do nothing."""
+    if not agent_runs_here():
+        return True
+    _agent["pid"] = None
+    import pyroscope
+
+    done = threading.Event()
+
+    def shut_down():
+        try:
+            pyroscope.shutdown()
+        finally:
+            done.set()
+
+    threading.Thread(target=shut_down, name="pyroscope-flush", daemon=True).start()
+    if not done.wait(timeout_s):
+        log.warning("Pyroscope's last upload to PYROSCOPE_SERVER_ADDRESS did not finish within %.0f s; "
+                    "the profile of the last seconds of pid %d is lost", timeout_s, os.getpid())
+        return False
+    return True
+
+
+def _flush_at_exit() -> None:
+    try:
+        flush()
+    except Exception as exc:  # noqa: BLE001 - never turn a clean exit into a traceback
+        log.warning("Pyroscope's last upload failed at exit: %s", exc)
+
+
+def _register_process_hooks() -> None:
+    # Once per interpreter: a forked child inherits both registrations, so they must not be repeated there.
+    if _agent["hooks_registered"]:
+        return
+    _agent["hooks_registered"] = True
+    os.register_at_fork(after_in_child=_restart_in_child)
+    atexit.register(_flush_at_exit)
 
 
 def _add_span_processor() -> bool:
@@ -194,7 +297,11 @@ def _warn_if_unreachable(address: str) -> None:
         )
 
 
-def start(environ: dict[str, str] | os._Environ[str] = os.environ) -> ProfilingSettings | None:
+def start(environ: dict[str, str] | os._Environ[str] = os.environ,
+          orig_argv: list[str] | None = None) -> ProfilingSettings | None:
+    """Start this process's agent (see the module's docstring); None when profiling is off here."""
+    if agent_runs_here():
+        return None  # the hook ran twice in this process: one agent is enough
     try:
         settings = settings_from_env(environ)
     except SettingError as exc:
@@ -203,9 +310,21 @@ def start(environ: dict[str, str] | os._Environ[str] = os.environ) -> ProfilingS
     if settings is None:
         log.info("PYROSCOPE_SERVER_ADDRESS is not set; continuous profiling is off")
         return None
-    _start_agent(settings)
-    os.register_at_fork(after_in_child=lambda: _restart_in_child(settings))
-    span_profiles = settings.span_profiles and _add_span_processor()
+    _agent["settings"] = settings
+    # Added even in a helper: the forkserver's children inherit its tracer provider and need it.
+    if not _agent["span_processor"]:
+        _agent["span_processor"] = settings.span_profiles and _add_span_processor()
+    helper = multiprocessing_helper(sys.orig_argv if orig_argv is None else orig_argv)
+    if helper is None:
+        _start_agent_once(settings)
+    # After the agent's start, never before: pyroscope.configure registers fork handlers of its own that
+    # reset the agent in a child, and Python calls after_in_child hooks in the order they were registered.
+    # Registered first, ours would restart the agent before that reset, and configure() would refuse
+    # (seen: a gunicorn worker with one thread, no agent, no profile).
+    _register_process_hooks()
+    if helper is not None:
+        log.debug("pid %d is %s, which serves nothing: not profiled", os.getpid(), helper)
+        return None
     # Checked in the background: a slow DNS lookup or a dead server must not delay the app's start.
     threading.Thread(
         target=_warn_if_unreachable, args=(settings.server_address,), name="pyroscope-reachability", daemon=True
@@ -213,7 +332,7 @@ def start(environ: dict[str, str] | os._Environ[str] = os.environ) -> ProfilingS
     log.info(
         "Pyroscope profiling started as %r to %s every %ss at %d Hz (span profiles %s)",
         settings.application_name, settings.server_address, settings.upload_interval, settings.sample_rate,
-        "on" if span_profiles else "off",
+        "on" if _agent["span_processor"] else "off",
     )
     return settings
 

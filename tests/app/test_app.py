@@ -145,8 +145,11 @@ def test_every_dependency_is_pinned_and_otel_versions_match():
     assert int(contrib.pop().split(".")[1].split("b")[0]) - 21 == int(core.pop().split(".")[1])
     assert pins["pyroscope-io"].startswith("1.") and pins["pyroscope-otel"].startswith("1.")
     instrumentations = {n for n in otel if n.startswith("opentelemetry-instrumentation-")}
+    # The frameworks a user's own app may be (docs/own-app.md), and logging: nothing detected at build time.
     assert instrumentations == {"opentelemetry-instrumentation-flask", "opentelemetry-instrumentation-wsgi",
-                                "opentelemetry-instrumentation-logging"}
+                                "opentelemetry-instrumentation-logging", "opentelemetry-instrumentation-django",
+                                "opentelemetry-instrumentation-asgi", "opentelemetry-instrumentation-fastapi",
+                                "opentelemetry-instrumentation-starlette"}
 
 
 @pytest.mark.unit

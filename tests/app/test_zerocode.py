@@ -301,7 +301,7 @@ def test_one_server_span_per_request_with_route_and_status(served):
     print(f"\nSERVER spans {len(spans)}: {dict(seen)}")
     assert seen == Counter(served["expected"])
     assert {s.resource["service.name"] for s in spans} == {"dice-api"}
-    # Scrapes of /metrics are excluded from tracing (OTEL_PYTHON_FLASK_EXCLUDED_URLS).
+    # Scrapes of /metrics are excluded from tracing (OTEL_PYTHON_EXCLUDED_URLS).
     assert not [s for s in spans if "/metrics" in str(s.attributes.get("url.path"))]
 
 
