@@ -83,6 +83,10 @@ def test_the_instrumentation_image_is_laid_out_as_the_operator_expects():
     assert copies == {("app/requirements.txt", "app/"), ("app/requirements-otel.txt", "app/"),
                       ("instrumentation", "instrumentation/")}
     assert any("chmod -R go+rX /autoinstrumentation" in i for i in build)
+    # Our sitecustomize.py (zerocode's preflight, then upstream's initialize()) over upstream's, in the same RUN.
+    assert inj.layout_steps() == [
+        ["cp", "instrumentation/sitecustomize.py", f"{inj.IMAGE_LAYOUT_DIR}/{Path(inj.SITECUSTOMIZE).parent}/"],
+        ["chmod", "-R", "go+rX", inj.IMAGE_LAYOUT_DIR]]
     # busybox (for the init container's `cp`), pinned by .env through a build argument declared before the
     # first FROM (where a FROM can use it), with the folder where the Operator copies from.
     assert final[0] == "FROM busybox:${BUSYBOX_VERSION}", final[0]

@@ -154,11 +154,12 @@ def _files_of(source: Path) -> list[Path]:
 
 
 def layout_key() -> str:
-    """What the layout depends on: the pip command and ENV of the Dockerfile's build stage, every file its
-    COPY lines bring in (the requirements and the zerocode sources), and the Python it is built for."""
+    """What the layout depends on: the pip command, the steps after it and the ENV of the Dockerfile's build
+    stage, every file its COPY lines bring in (the requirements, the zerocode sources, our sitecustomize.py),
+    and the Python it is built for."""
     digest = hashlib.sha256()
     build = stage(INSTRUMENTATION_DOCKERFILE)
-    digest.update(json.dumps([layout_pip_command(), stage_env(build), _python_tag()]).encode())
+    digest.update(json.dumps([layout_pip_command(), layout_steps(), stage_env(build), _python_tag()]).encode())
     for source, destination in build_stage_copies():
         for path in _files_of(source):
             digest.update(f"{path.relative_to(REPO_ROOT)}->{destination}\0".encode())
@@ -181,11 +182,40 @@ def _stage_build_context(workdir: Path) -> None:
             shutil.copy2(source, target)
 
 
+# What may follow the pip install in its RUN line: commands that only place files in the layout or set their
+# modes, which run the same natively. Anything else is refused rather than skipped, so that the folder built
+# here can never silently differ from the image's.
+LAYOUT_STEP_COMMANDS = ("cp", "chmod")
+
+
+def layout_steps(dockerfile: Path = INSTRUMENTATION_DOCKERFILE) -> list[list[str]]:
+    """argv of each command after the `pip install --target` in its RUN line (the rest of its `&&` chain):
+    the `cp` of our sitecustomize.py over upstream's, then the `chmod`."""
+    for instruction in stage(dockerfile):
+        keyword, _, rest = instruction.partition(" ")
+        if keyword.upper() == "RUN" and "--target" in rest:
+            steps = [shlex.split(part) for part in rest.split("&&")[1:]]
+            for argv in steps:
+                if not argv or argv[0] not in LAYOUT_STEP_COMMANDS:
+                    raise ValueError(f"{dockerfile}: `{' '.join(argv)}` after the pip install cannot be repeated "
+                                     f"natively (only {', '.join(LAYOUT_STEP_COMMANDS)})")
+            return steps
+    raise ValueError(f"{dockerfile}: no `RUN pip install --target` in its build stage")
+
+
+def _local_step(argv: list[str], image_target: str, target: Path) -> list[str]:
+    """A layout step with the image's --target folder (and paths under it) mapped to the local one."""
+    return [str(target) + arg[len(image_target):] if arg == image_target or arg.startswith(image_target + "/")
+            else arg for arg in argv]
+
+
 def instrumentation_layout(cache_dir: Path = CACHE_DIR, log=print) -> Path:
     """Our instrumentation image's /autoinstrumentation, as a folder (built once per layout_key()).
 
-    The command is instrumentation/Dockerfile's own, with `pip` run by this Python and the --target made
-    local; it runs in a copy of the build context, with the build stage's ENV."""
+    The RUN line is instrumentation/Dockerfile's own: its pip command, with `pip` run by this Python and the
+    --target made local, then its layout_steps() (our sitecustomize.py copied over upstream's) with the same
+    folder mapped; it runs in a copy of the build context, with the build stage's ENV."""
+    steps = layout_steps()
     layout = cache_dir / f"layout-{layout_key()}"
     if (layout / SITECUSTOMIZE).exists():
         return layout
@@ -202,6 +232,12 @@ def instrumentation_layout(cache_dir: Path = CACHE_DIR, log=print) -> Path:
         result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        image_target = layout_target(layout_pip_command())
+        for step in steps:
+            local = _local_step(step, image_target, target)
+            done = subprocess.run(local, cwd=workdir, capture_output=True, text=True, timeout=120)
+            if done.returncode != 0:
+                raise RuntimeError(f"{' '.join(step)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
         if not (target / SITECUSTOMIZE).exists():
             raise RuntimeError(f"the layout has no {SITECUSTOMIZE}: not what the Operator expects")
         try:
@@ -331,10 +367,10 @@ def _image_tag(image: str) -> str:
     return last.split(":", 1)[1] if ":" in last else ""
 
 
-def operator_container_env(pod: PodIdentity, instrumentation: dict) -> list[dict]:
+def operator_container_env(pod: PodIdentity, instrumentation: dict, container_env: list[dict] = ()) -> list[dict]:
     """The app container's `env` as the webhook of the Operator of OTEL_OPERATOR_VERSION in .env leaves it,
-    for a container that sets no env of its own (k8s/stack/app.yaml has only envFrom), in the Operator's
-    order:
+    for a container whose own `env` is `container_env` (k8s/stack/app.yaml's sets none, only envFrom; a
+    Django Deployment sets DJANGO_SETTINGS_MODULE and PYTHONPATH), in the Operator's order:
 
     injectPythonSDK (python.env, then PYTHONPATH) -> injectCommonEnvVar (OTEL_NODE_IP and OTEL_POD_IP
     prepended, then spec.env) -> injectDefaultPythonEnvVars (protocol and exporters, if not set) ->
@@ -342,7 +378,7 @@ def operator_container_env(pod: PodIdentity, instrumentation: dict) -> list[dict
     the downward API, OTEL_RESOURCE_ATTRIBUTES extended with the sorted k8s.* and service.* attributes
     and moved last)."""
     spec = instrumentation["spec"]
-    env: list[dict] = []
+    env: list[dict] = [dict(var) for var in container_env]
     names = lambda: {var["name"] for var in env}  # noqa: E731
 
     def append_if_not_set(*variables: dict) -> None:
@@ -351,7 +387,12 @@ def operator_container_env(pod: PodIdentity, instrumentation: dict) -> list[dict
                 env.append(dict(var))
 
     append_if_not_set(*spec.get("python", {}).get("env", []))
-    env.append({"name": "PYTHONPATH", "value": f"{PYTHONPATH_PREFIX}:{MOUNT_PATH}"})
+    # python.go: the container's own PYTHONPATH stays, between the layout's sitecustomize folder and the layout.
+    own = [var for var in env if var["name"] == "PYTHONPATH"]
+    if own:
+        own[0]["value"] = f"{PYTHONPATH_PREFIX}:{own[0]['value']}:{MOUNT_PATH}"
+    else:
+        env.append({"name": "PYTHONPATH", "value": f"{PYTHONPATH_PREFIX}:{MOUNT_PATH}"})
     for name, field in ((ENV_POD_IP, "status.podIP"), (ENV_NODE_IP, "status.hostIP")):
         if name not in names():
             env.insert(0, {"name": name, "valueFrom": {"fieldRef": {"fieldPath": field}}})
