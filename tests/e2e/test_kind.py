@@ -111,14 +111,21 @@ class Cluster:
         return f"http://127.0.0.1:{poll(local_port, 60, f'kubectl port-forward {target}', interval=0.5).group(1)}"
 
 
+OWN_APP = "httpbin"  # the example of docs/own-app.md deployed by annotation (examples/httpbin/)
+OWN_APP_NAMESPACE = "own-apps"
+OWN_APP_IMAGE = f"own-apps/{OWN_APP}:local"
+
+
 def build_images(env: dict[str, str]) -> None:
-    """The two images of the README's Kubernetes prerequisites, built the way it says."""
+    """The two images of the README's Kubernetes prerequisites, built the way it says, and a user's own image
+    (docs/own-app.md: httpbin, from examples/httpbin/), built as its owners build it."""
     python = ("--build-arg", f"PYTHON_VERSION={env['PYTHON_VERSION']}")
     busybox = ("--build-arg", f"BUSYBOX_VERSION={env['BUSYBOX_VERSION']}")
     run("docker", "build", "--target", "owners", *python, "-t", OWNERS_IMAGE,
         "-f", REPO_ROOT / "app" / "Dockerfile", REPO_ROOT, timeout=1200)
     run("docker", "build", *python, *busybox, "-t", zerocode_image(),
         "-f", REPO_ROOT / "instrumentation" / "Dockerfile", REPO_ROOT, timeout=1200)
+    run("docker", "build", *python, "-t", OWN_APP_IMAGE, REPO_ROOT / "examples" / OWN_APP, timeout=1200)
 
 
 def install_stack(cluster: Cluster, env: dict[str, str]) -> None:
@@ -176,7 +183,7 @@ def cluster(tmp_path_factory):
     run(cluster.kind, "create", "cluster", "--name", CLUSTER, "--image", kind_node_image(),
         "--kubeconfig", cluster.kubeconfig, "--wait", "300s", timeout=900)
     try:
-        run(cluster.kind, "load", "docker-image", "--name", CLUSTER, OWNERS_IMAGE, zerocode_image(),
+        run(cluster.kind, "load", "docker-image", "--name", CLUSTER, OWNERS_IMAGE, zerocode_image(), OWN_APP_IMAGE,
             timeout=900)
         install_stack(cluster, env)
         yield cluster
@@ -513,3 +520,66 @@ def test_locust_calls_the_app_through_the_edge(backends, edge_load):
 
     edges = poll(through_the_edge, 180, f"service graph edges locust -> {EDGE} -> {SERVICE}", interval=5)
     assert ("locust", SERVICE) not in edges, edges
+
+
+# ------------------------------------------------------------------- a user's own Deployment, by annotation
+
+# What is sent to the user's app, per (route, status): httpbin's routes (examples/httpbin/locustfile.py).
+OWN_APP_PLAN = {("/get", "200", "/get"): 30, ("/drip", "500", "/drip?numbytes=abc"): 10,
+                ("/status/<codes>", "503", "/status/503"): 5}
+
+
+@pytest.fixture(scope="module")
+def own_app(cluster, backends) -> dict:
+    """examples/httpbin/deployment.yaml applied as its owners would (its namespace first), the pod injected by
+    the Operator's webhook through the pod template's one annotation; then a known load through a port-forward."""
+    examples = REPO_ROOT / "examples"
+    cluster.k("apply", "-f", examples / "namespace.yaml", "-f", examples / OWN_APP / "deployment.yaml")
+    cluster.k("-n", OWN_APP_NAMESPACE, "rollout", "status", f"deployment/{OWN_APP}", "--timeout=300s", timeout=330)
+    url = cluster.forward(f"svc/{OWN_APP}", 8080, namespace=OWN_APP_NAMESPACE)
+    for (_, status, path), count in OWN_APP_PLAN.items():
+        for _ in range(count):
+            assert str(requests.get(url + path, timeout=10).status_code) == status, path
+    pods = [pod for pod in cluster.objects("pods", OWN_APP_NAMESPACE, f"app.kubernetes.io/name={OWN_APP}")
+            if "deletionTimestamp" not in pod["metadata"]]
+    return {"url": url, "pods": pods, "sent": Counter({(route, status): n for (route, status, _), n in
+                                                       OWN_APP_PLAN.items()})}
+
+
+def test_the_users_deployment_is_injected_by_its_annotation_alone(own_app):
+    (pod,) = own_app["pods"]
+    assert INIT_CONTAINER in init_names(pod)
+    (container,) = pod["spec"]["containers"]
+    assert container["image"] == OWN_APP_IMAGE and "command" not in container, "the owners' image and CMD, untouched"
+    env = {var["name"]: var.get("value") for var in container["env"]}
+    assert env["OTEL_SERVICE_NAME"] == OWN_APP and env["PYTHONPATH"].startswith("/otel-auto-instrumentation-python")
+
+
+def test_the_users_app_is_counted_exactly_by_otel(backends, own_app):
+    query = ('sum by (http_route, http_response_status_code) (http_server_request_duration_seconds_count'
+             f'{{telemetry_source="otel", job="{OWN_APP_NAMESPACE}/{OWN_APP}"}})')
+
+    def counted():
+        rows = backends.prometheus_query(query)
+        seen = Counter({(r["metric"].get("http_route"), r["metric"]["http_response_status_code"]):
+                        int(float(r["value"][1])) for r in rows})
+        assert seen == own_app["sent"], f"sent {dict(own_app['sent'])}, otel {dict(seen)}"
+        return seen
+
+    poll(counted, 90, f"{OWN_APP}'s otel counts")
+
+
+def test_the_users_app_traces_its_exceptions_and_profiles(backends, own_app):
+    def failing():
+        found = backends.tempo_search(f'{{resource.service.name="{OWN_APP}" && span.http.route="/drip" '
+                                      f'&& status=error}}', limit=50)
+        assert len(found) == own_app["sent"][("/drip", "500")], f"{len(found)} error traces of /drip"
+        return found
+
+    poll(failing, 90, f"{OWN_APP}'s error traces of /drip")
+    # httpbin's /get view function in the flame graph of its own service.
+    body = {"profileTypeID": checks.CPU_PROFILE, "labelSelector": f'{{service_name="{OWN_APP}"}}',
+            **checks.last_minutes_ms()}
+    poll(lambda: any("view_get" in name for name in backends.pyroscope_query("SelectMergeStacktraces", body)
+                     .get("flamegraph", {}).get("names", [])), 240, f"a CPU profile of {OWN_APP} with view_get",
+         interval=5)

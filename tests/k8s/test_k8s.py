@@ -49,6 +49,7 @@ from tooling.k8s.injection import CAPTURED_ENV_NAME
 REPO_ROOT = Path(__file__).resolve().parents[2]
 K8S_DIR = REPO_ROOT / "k8s"
 BROKEN_DIR = REPO_ROOT / "tests" / "data" / "k8s-broken"
+EXAMPLES_DIR = REPO_ROOT / "examples"
 APP_ENV = REPO_ROOT / "app" / "app.env"
 DOTENV = REPO_ROOT / ".env"
 KUSTOMIZATION_FILES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
@@ -97,14 +98,15 @@ TOKEN = "zerocode-test-token"
 
 def kustomizations() -> list[Path]:
     """k8s/ itself (whether or not it has a kustomization yet: its absence must fail, not skip) and every
-    other kustomization below it; Components only render inside a kustomization, so they are left out."""
+    other kustomization below it; Components only render inside a kustomization, so they are left out. Then
+    examples/, the users' own apps as they would deploy them (docs/own-app.md)."""
     found = [K8S_DIR]
     if K8S_DIR.is_dir():
         for path in sorted(K8S_DIR.rglob("*")):
             if path.name in KUSTOMIZATION_FILES and path.parent != K8S_DIR and path.parent not in found:
                 if (yaml.safe_load(path.read_text()) or {}).get("kind", "Kustomization") != "Component":
                     found.append(path.parent)
-    return found
+    return [*found, EXAMPLES_DIR]
 
 
 KUSTOMIZATIONS = kustomizations()
@@ -618,15 +620,47 @@ def same_but_address(expected: str, actual: str) -> bool:
     return expected == actual or bool(a and b and a[1] == b[1] and a[2] == b[2])
 
 
+def comparable(env: list[dict]) -> list[tuple]:
+    """(name, value or valueFrom) per variable, with the fieldRef apiVersion the API server defaults left out."""
+    def source(var: dict):
+        if "valueFrom" not in var:
+            return var.get("value")
+        value_from = {key: dict(ref) for key, ref in var["valueFrom"].items()}
+        if value_from.get("fieldRef", {}).get("apiVersion") == "v1":
+            del value_from["fieldRef"]["apiVersion"]
+        return value_from
+    return [(var["name"], source(var)) for var in env]
+
+
+def assert_own_app_env_is_the_hand_built_one(name: str, instrumentation: dict, mutated: dict, env: list[dict]):
+    from tooling.k8s import injection as inj
+    from tooling.native import own_app
+
+    app = own_app.OwnApp(name)
+    pod = inj.with_pod_name(app.pod(), mutated["metadata"]["name"])
+    built = inj.operator_container_env(pod, instrumentation, app.container().get("env") or [])
+    own = {var["name"]: var["value"] for var in app.container().get("env") or []}
+    given = {var["name"]: var.get("value") for var in env}
+    if "PYTHONPATH" in own:
+        assert given["PYTHONPATH"] == f"{PYTHONPATH_PREFIX}:{own['PYTHONPATH']}:{MOUNT_PATH}", given["PYTHONPATH"]
+    print(f"\n{name}: the webhook's env ({len(env)} variables) vs tooling/native/own_app.py's")
+    assert comparable(env) == comparable(built)
+
+
 @pytest.mark.integration
 def test_the_operator_injects_python_into_the_app_pod(operator, render, tmp_path, tmp_path_factory):
     rendered = documents(render(K8S_DIR))
-    operator.ensure_namespaces(rendered)
+    # The users' own apps (examples/), each in its own namespace, injected by the stack's Instrumentation.
+    examples = documents(render(EXAMPLES_DIR))
+    operator.ensure_namespaces(rendered + examples)
     instrumentations = [o for o in rendered if o["kind"] == "Instrumentation"]
     assert instrumentations, "k8s/ renders no Instrumentation for the Operator"
     workloads = [o for o in rendered if o["kind"] == "Deployment" and INJECT_PYTHON in
                  (o["spec"]["template"]["metadata"].get("annotations") or {})]
     assert workloads, f"no Deployment of k8s/ has the {INJECT_PYTHON} annotation on its pod template"
+    own_apps = [o for o in examples if o["kind"] == "Deployment"]
+    assert own_apps and all(INJECT_PYTHON in (o["spec"]["template"]["metadata"].get("annotations") or {})
+                            for o in own_apps), f"every Deployment of examples/ carries {INJECT_PYTHON}"
 
     # The ServiceAccounts the pods run as, and the Instrumentations, for real: the Instrumentations go through
     # the Operator's defaulting and validating webhooks.
@@ -643,7 +677,8 @@ def test_the_operator_injects_python_into_the_app_pod(operator, render, tmp_path
     app_env = {**load_env_file(APP_ENV),
                **load_env_file(APP_ENV.parent / f"profile-{load_env_file(DOTENV)['APP_PROFILE']}.env")}
     report = {}
-    for deployment in workloads:
+    for deployment in workloads + own_apps:
+        ours = deployment in workloads
         name = deployment["metadata"]["name"]
         namespace = deployment["metadata"].get("namespace", "default")
         template = copy.deepcopy(deployment["spec"]["template"])
@@ -723,6 +758,13 @@ def test_the_operator_injects_python_into_the_app_pod(operator, render, tmp_path
         assert attributes.get("k8s.pod.name") == mutated["metadata"]["name"], attributes
         assert attributes.get("k8s.replicaset.name") == replicaset["metadata"]["name"], attributes
 
+        if not ours:
+            # A user's app: the container's own env (Django's settings, its PYTHONPATH) stays, and the env is
+            # the one tooling/native/own_app.py builds from the Operator's logic, which tests/own_app/ runs.
+            assert_own_app_env_is_the_hand_built_one(name, instrumentation, mutated, env)
+            report[f"{namespace}/{name}"] = {"pod": mutated["metadata"]["name"], "container": app["name"],
+                                             "env": env}
+            continue
         # app/app.env (with the profile's) is the one source of the settings: every one reaches the app, only
         # addresses differ, and the resource attributes keep app.env's beside the Kubernetes ones.
         for key, value in app_env.items():

@@ -655,21 +655,22 @@ def locust_environment() -> dict[str, str]:
 
 def run_locust(host: str, seconds: int | None, users: int, run_dir: Path, name: str = "locust",
                background: bool = False, scenario: str = "steady",
-               otlp_endpoint: str | None = None, env: dict[str, str] | None = None) -> subprocess.Popen | dict:
+               otlp_endpoint: str | None = None, env: dict[str, str] | None = None,
+               locustfile: Path = LOCUSTFILE) -> subprocess.Popen | dict:
     """A scenario of locustfile.py headless against `host`, with the ground-truth plugin; returns what
     it sent. seconds=None lets the scenario end itself (locustfile.py's table says when).
 
     With otlp_endpoint, locust runs with `--otel`, locust/locust.env and the app's cost profile (its
     sampler: locust roots the traces), as compose runs it, exporting there. With background=True the
     process is returned; call `locust_result(run_dir, name)` after it ends. `env` adds settings of the
-    scenario (DICE_SPIKE_USERS, ...).
+    scenario (DICE_SPIKE_USERS, ...). `locustfile` is another app's load (examples/<app>/locustfile.py).
     """
     run_dir = run_dir.resolve()  # locust runs with it as cwd
     extra, env = env or {}, {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
     if otlp_endpoint:
         env.update(locust_environment(), OTEL_EXPORTER_OTLP_ENDPOINT=otlp_endpoint)
     env.update(LOCUST_GROUND_TRUTH_FILE=str(run_dir / f"{name}.json"), DICE_SCENARIO=scenario, **extra)
-    args = [str(VENV_BIN / "locust"), "-f", f"{LOCUSTFILE},{GROUND_TRUTH_PLUGIN}", "--headless",
+    args = [str(VENV_BIN / "locust"), "-f", f"{locustfile},{GROUND_TRUTH_PLUGIN}", "--headless",
             "-u", str(users), "-r", str(users), "--host", host, "--only-summary",
             "--stop-timeout", "5", "--exit-code-on-error", "0", *(["--otel"] if otlp_endpoint else [])]
     if seconds is not None:
