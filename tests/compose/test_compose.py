@@ -56,7 +56,8 @@ KUBERNETES_SETTINGS = {
     "CERT_MANAGER_VERSION": {"README.md", KIND_TIER},  # installed before the Operator
     "KIND_VERSION": {"tooling/builds/recipes.py"},  # kind_binary(), which the kind tier runs
     "KIND_NODE_IMAGE": {"tooling/builds/recipes.py"},  # kind_node_image(), which the kind tier runs its nodes from
-    "BUSYBOX_VERSION": {"instrumentation/Dockerfile", "README.md", KIND_TIER},  # a build argument
+    # a build argument, also of docker-compose.own-app.yml's instrumentation service (not docker-compose.yml's)
+    "BUSYBOX_VERSION": {"instrumentation/Dockerfile", "docker-compose.own-app.yml", "README.md", KIND_TIER},
 }
 
 # Where each backend keeps its data (the images' data directories).
@@ -125,8 +126,14 @@ def test_every_variable_is_defined_in_dotenv():
 AHEAD_OF_COMPOSE: dict[str, str] = {}
 
 
+# The second compose file, for an app of the user's own (README, "Observe your own service"): it reads .env's
+# OWN_APP_* block, which docker-compose.yml does not (tests/compose/test_own_app.py checks that block).
+OWN_APP_FILE = REPO_ROOT / "docker-compose.own-app.yml"
+
+
 def test_every_dotenv_setting_is_used():
-    unused = set(dotenv()) - variables(compose_text()) - set(KUBERNETES_SETTINGS) - set(AHEAD_OF_COMPOSE)
+    read = variables(compose_text()) | variables(OWN_APP_FILE.read_text())
+    unused = set(dotenv()) - read - set(KUBERNETES_SETTINGS) - set(AHEAD_OF_COMPOSE)
     assert not unused, f".env settings that docker-compose.yml never reads: {sorted(unused)}"
     for key, reader in AHEAD_OF_COMPOSE.items():
         assert key not in variables(compose_text()), f"compose reads {key} now: drop its AHEAD_OF_COMPOSE entry"

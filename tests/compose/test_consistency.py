@@ -139,6 +139,12 @@ def test_every_address_in_the_configs_is_provided_by_a_service(services):
     } <= scanned
 
 
+def test_every_address_the_injected_app_is_given_is_provided_by_a_service(services):
+    # instrumentation/inject.env, docker-compose.own-app.yml's settings for the app, is in no service's folder.
+    text = (REPO_ROOT / "instrumentation" / "inject.env").read_text()
+    assert ADDRESS.search(text) and not unresolved_addresses(text, "app", services)
+
+
 def test_every_address_in_docker_compose_is_provided_by_a_service(services):
     problems = []
     for name, service in services.items():
@@ -298,7 +304,7 @@ THIRD_PARTY = {
     "pyroscope": {"pyroscope-io", "pyroscope-otel"},
     "flask": {"Flask"}, "werkzeug": {"Werkzeug"}, "yaml": {"PyYAML"}, "grpc": {"grpcio"},
     "google": {"protobuf"}, "requests": {"requests"}, "psutil": {"psutil"}, "matplotlib": {"matplotlib"},
-    "locust": {"locust"}, "gevent": {"locust"},
+    "locust": {"locust"}, "gevent": {"locust"}, "uvicorn": {"uvicorn"},
 }
 
 
@@ -336,11 +342,13 @@ def test_the_image_installs_the_app_and_the_hooks_and_nothing_else_of_ours():
                       "app/gunicorn.conf.py"}
     ignored = [line for line in (REPO_ROOT / ".dockerignore").read_text().splitlines() if not line.startswith("#")]
     assert ignored[:3] == ["*", "!app/", "!instrumentation/"], "the build context must let in only these two"
-    # instrumentation/ is the hooks package and nothing else: no tooling, no sinks, no builds.
+    # instrumentation/ is the hooks package and the injected sitecustomize.py, nothing else: no tooling, no
+    # sinks, no builds.
     modules = {p.relative_to(REPO_ROOT / "instrumentation").as_posix()
                for p in (REPO_ROOT / "instrumentation").rglob("*.py")}
-    assert modules == {"zerocode/__init__.py", "zerocode/profiling.py", "zerocode/flask_errors.py",
-                       "zerocode/latency.py", "zerocode/wsgi_only.py"}
+    assert modules == {"sitecustomize.py", "zerocode/__init__.py", "zerocode/profiling.py", "zerocode/flask_errors.py",
+                       "zerocode/latency.py", "zerocode/wsgi_only.py", "zerocode/preflight.py", "zerocode/servers.py",
+                       "zerocode/django_hooks.py", "zerocode/uvicorn_logs.py", "zerocode/instances.py"}
 
 
 def test_each_package_declares_what_it_imports():

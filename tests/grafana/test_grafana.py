@@ -357,8 +357,31 @@ def test_overview_compares_the_four_sources_and_shows_traces_and_profiles():
     assert {"prometheus", "tempo", "loki", "pyroscope"} <= kinds
     (profile,) = [t for p in panels(dashboard) if p["type"] == "flamegraph" for t in p["targets"]]
     assert profile["profileTypeId"] == CPU_PROFILE
-    service_name = dotenv(REPO_ROOT / "app" / "app.env")["OTEL_SERVICE_NAME"]
-    assert profile["labelSelector"] == f'{{service_name="{service_name}"}}'
+    # The app's profiles, under whatever service name it runs (OWN_APP_SERVICE_NAME, docker-compose.own-app.yml).
+    assert profile["labelSelector"] == APP_SERVICES
+    assert_selects_the_app_alone(APP_SERVICES)
+
+
+# The app's traces, logs and profiles in the overview: every service but the stack's own senders (the edge's
+# spans, locust's), so the panels follow the app whatever OWN_APP_SERVICE_NAME calls it. LogQL and Pyroscope need
+# one matcher that cannot match the empty value, hence `=~".+"` beside the exclusion.
+APP_SERVICES = '{service_name=~".+", service_name!~"edge|locust"}'
+
+
+def assert_selects_the_app_alone(selector: str) -> None:
+    """The selector's matchers, applied as Prometheus, Loki and Pyroscope apply them (fully anchored RE2, here
+    Python's re), take the dice API and any other app name, and neither the edge nor locust."""
+    matchers = re.findall(r'(\w+)(=~|!~|=|!=)"([^"]*)"', selector)
+    assert matchers and all(label == "service_name" for label, _, _ in matchers), selector
+
+    def selects(name: str) -> bool:
+        checks = {"=": lambda v: name == v, "!=": lambda v: name != v,
+                  "=~": lambda v: re.fullmatch(v, name) is not None, "!~": lambda v: re.fullmatch(v, name) is None}
+        return all(checks[op](value) for _, op, value in matchers)
+
+    app = dotenv(REPO_ROOT / "app" / "app.env")["OTEL_SERVICE_NAME"]
+    assert selects(app) and selects("shop-api") and not selects("edge") and not selects("locust"), selector
+    assert not selects(""), f"{selector}: Loki refuses a selector that can match the empty value"
 
 
 def loki_targets(dashboard: dict):
@@ -373,10 +396,11 @@ def test_overview_shows_recent_error_logs_of_the_app_linked_to_their_traces():
     dashboard = load_dashboard("stack-overview")
     ((panel, target),) = loki_targets(dashboard)
     assert panel["type"] == "logs"
-    service_name = dotenv(REPO_ROOT / "app" / "app.env")["OTEL_SERVICE_NAME"]
-    # The stream label from service.name, then the OTLP severity (structured metadata): Python's ERROR,
-    # and CRITICAL, which opentelemetry-instrumentation-logging reports as FATAL.
-    assert target["expr"] == f'{{service_name="{service_name}"}} | severity_text=~"ERROR|FATAL"'
+    # The stream label from service.name (any app's but the edge's and locust's), then the OTLP severity
+    # (structured metadata): Python's ERROR, and CRITICAL, which opentelemetry-instrumentation-logging reports as
+    # FATAL.
+    assert target["expr"] == f'{APP_SERVICES} | severity_text=~"ERROR|FATAL"'
+    assert_selects_the_app_alone(APP_SERVICES)
     assert target["queryType"] == "range"
     assert panel["options"]["enableLogDetails"] is True, "the trace link is in a line's details"
     assert panel["options"]["sortOrder"] == "Descending"
@@ -507,7 +531,10 @@ def test_the_wait_panel_says_what_it_can_and_cannot_tell():
         # Per route, the edge's SERVER spans against the app's, both from the same span-metrics connector.
         assert 'service_name="edge", span_kind="SPAN_KIND_SERVER", http_response_status_code!~"502|503|504"' in (
             target["expr"])
-        assert 'service_name="dice-api", span_kind="SPAN_KIND_SERVER"' in target["expr"]
+        # The app's side: the otel source's SERVER spans, whatever the app's service name (the edge's and
+        # locust's spans are telemetry_source edge and loadgen).
+        assert 'telemetry_source="otel", span_kind="SPAN_KIND_SERVER"' in target["expr"]
+        assert "dice-api" not in target["expr"]
     assert "traces_spanmetrics_latency_sum" in mean["expr"] and "traces_spanmetrics_latency_count" in mean["expr"]
     assert gap["expr"].count("histogram_quantile(0.95,") == 2
     for title in (WAIT_PANEL, MEANS_PANEL):
@@ -520,7 +547,7 @@ def test_the_comparison_shows_the_service_graph_and_how_to_see_the_wait_in_a_tra
     graph = comparison_panel(SERVICE_GRAPH_PANEL)
     (target,) = graph["targets"]
     assert target["expr"].startswith("sum by (client, server) (rate(traces_service_graph_request_total{")
-    assert "locust \u2192 edge \u2192 dice-api" in graph["title"]
+    assert "locust \u2192 edge \u2192 app" in graph["title"]
     traces = comparison_panel(EDGE_TRACES_PANEL)
     (query,) = traces["targets"]
     assert query["query"] == '{resource.service.name="edge" && kind=server}' and query["queryType"] == "traceql"
