@@ -46,3 +46,28 @@ def test_the_longest_files_run_first_and_exist():
     result = collect(TESTS, "-m", "not e2e")
     files = list(dict.fromkeys(line.split("::")[0] for line in result.stdout.splitlines() if "::" in line))
     assert files[:len(LONGEST_FIRST)] == list(LONGEST_FIRST), files[:12]
+
+
+def test_the_alert_files_run_at_most_so_many_at_once(tmp_path):
+    """Three stand-in alert files, each a test that notes when it ran, under three xdist workers: the slots of
+    conftest.alert_stack_slot keep the third waiting until one of the first two is done."""
+    from conftest import ALERT_STACKS, ALERT_STACKS_AT_ONCE
+
+    (tmp_path / "tests").mkdir()
+    shutil.copy(TESTS / "conftest.py", tmp_path / "tests" / "conftest.py")
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    unit: a tier\n")
+    ran = tmp_path / "ran"
+    for path in ALERT_STACKS:
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(
+            "import time\n\nimport pytest\n\npytestmark = pytest.mark.unit\n\n\ndef test_a_stack():\n"
+            "    started = time.time()\n    time.sleep(3)\n"
+            f"    with open({str(ran)!r}, 'a') as out:\n        out.write(f'{{started}} {{time.time()}}\\n')\n")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "3", "--dist", "loadfile",
+                             "-q", *ALERT_STACKS], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    spans = sorted(tuple(map(float, line.split())) for line in ran.read_text().splitlines())
+    assert len(spans) == len(ALERT_STACKS), spans
+    most_at_once = max(sum(start <= moment < end for start, end in spans) for moment, _ in spans)
+    assert most_at_once == ALERT_STACKS_AT_ONCE < len(ALERT_STACKS), spans
+    assert "waited" in result.stdout and "for an alert-stack slot" in result.stdout, result.stdout

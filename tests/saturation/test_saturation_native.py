@@ -11,6 +11,7 @@ gunicorn worker's RSS, OOM kills.
 
 from __future__ import annotations
 
+import bisect
 import http.client
 import secrets
 import threading
@@ -96,6 +97,77 @@ def series(stack: NativeStack, job: str) -> set[tuple]:
     return {tuple(sorted(r["metric"].items())) for r in stack.query(f'{{job="{job}"}}')}
 
 
+class KernelCpu:
+    """The kernel's accounting of the app's cgroup, read every 0.5 s in a thread: CPU used (cpuacct.usage) and the
+    CFS periods it ran in and was throttled in (cpu.stat). The naming layer's rates are checked against the
+    kernel's own over the same windows, whatever CPU the machine had to spare: on a busy machine the app may
+    not reach its quota, the kernel then throttles it less, and both sides show it."""
+
+    def __init__(self, group: container.ContainerCgroup):
+        self.group = group
+        # (epoch seconds, CPU-seconds, nr_periods, nr_throttled); at the cgroup's creation all were 0.
+        self.samples: list[tuple[float, float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cgroup cpu", daemon=True)
+
+    def _read(self) -> None:
+        stat = self.group.cpu_stat()
+        used = int((self.group.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9
+        self.samples.append((time.time(), used, stat["nr_periods"], stat["nr_throttled"]))
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            try:
+                self._read()
+            except OSError:  # the stack went down (a failed fixture): its cgroup with it
+                return
+
+    def start(self) -> KernelCpu:
+        self._read()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._read()
+
+    def throttled_between(self, start: float, end: float) -> int:
+        """Periods throttled from the last sample at or before `start` to the first at or after `end`."""
+        before = [s for s in self.samples if s[0] <= start] or self.samples[:1]
+        after = [s for s in self.samples if s[0] >= end] or self.samples[-1:]
+        return after[0][3] - before[-1][3]
+
+    def windows(self, ends_from: float, ends_to: float, width: float):
+        """For each window of `width` seconds ending at a sample between the two times: that sample, and the two
+        between which the window starts (before the first sample, the cgroup's creation, all counters 0)."""
+        known = [(float("-inf"), 0.0, 0, 0), *self.samples]
+        times = [sample[0] for sample in known]
+        for end in self.samples:
+            if ends_from <= end[0] <= ends_to:
+                i = bisect.bisect_right(times, end[0] - width) - 1
+                yield end, known[i], known[i + 1]
+
+    def peak_cores(self, ends_from: float, ends_to: float, width: float) -> tuple[float, float]:
+        """The highest CPU used over those windows, in cores, as (at least, at most)."""
+        rates = [((end[1] - after[1]) / width, (end[1] - before[1]) / width)
+                 for end, before, after in self.windows(ends_from, ends_to, width)]
+        return max(low for low, _ in rates), max(high for _, high in rates)
+
+    def peak_throttled_share(self, ends_from: float, ends_to: float, width: float) -> tuple[float, float]:
+        """The highest share of throttled periods, rate(throttled) / rate(periods) as a rule over [1m] sees it
+        (0 where no period passed), over those windows, as (at least, at most)."""
+        low = high = 0.0
+        for end, before, after in self.windows(ends_from, ends_to, width):
+            (periods, throttled), (periods_before, throttled_before) = end[2:], before[2:]
+            periods_after, throttled_after = after[2:]
+            if periods > periods_before:
+                low = max(low, (throttled - throttled_after) / (periods - periods_before))
+            high = max(high, (throttled - throttled_before) / (periods - periods_after)
+                       if periods > periods_after else float("inf") if throttled > throttled_before else 0.0)
+        return low, high
+
+
 def scraped_after(stack: NativeStack, job: str, when: float) -> bool:
     """True once a scrape of `job` that began after `when` (epoch seconds) is stored."""
     return any(float(r["value"][1]) > when for r in stack.query(f'timestamp(up{{job="{job}"}})'))
@@ -105,8 +177,14 @@ def scraped_after(stack: NativeStack, job: str, when: float) -> bool:
 class Run:
     counts: dict[str, dict[str, float]]  # scrape job -> samples scraped / stored
     idle_cores: float  # the naming layer's CPU used before the scan
-    busy_cores: float  # its highest during and after the scan
-    throttled: float  # the naming layer's highest share of throttled CFS periods
+    busy_cores: float  # its highest from the scan's start
+    throttled: float  # the naming layer's highest share of throttled CFS periods, from the scan's start
+    # The kernel's highest over the windows that the naming layer's rate1m can have seen (its [1m] spans 50 to
+    # 65 s of the kernel's time: the scrapes' 5 s spacing, cAdvisor's 5 s housekeeping), as (the lowest of
+    # the peaks over windows of one width, at least; the highest, at most): see KernelCpu.
+    kernel_cores: tuple[float, float]
+    kernel_throttled: tuple[float, float]
+    kernel_throttled_periods: int  # periods the kernel throttled during the scan
     scan_cpu_seconds: float  # what the kernel charged the app's cgroup during the scan (cpuacct.usage)
     statuses: Counter
     seconds: float
@@ -129,6 +207,7 @@ def run(stack) -> Run:
     group = stack.app_cgroup
     if group is None:
         pytest.skip(f"the app has no cgroup here: {stack.app_cgroup_problem}")
+    kernel_cpu = KernelCpu(group).start()
     # The naming layer has the app once cAdvisor has been scraped twice (a rate needs two samples).
     poll(lambda: one(stack, f"dice:container_cpu_usage:cores_rate1m{APP}") is not None, 60,
          "dice:container_cpu_usage:cores_rate1m for service app")
@@ -144,6 +223,7 @@ def run(stack) -> Run:
 
     cpu_used = lambda: int((group.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9  # noqa: E731
     started, cpu_before = time.monotonic(), cpu_used()
+    scan_start = time.time()
     statuses = send(stack.ports.edge, scan_paths(SCAN_PATHS))
     seconds, scan_cpu_seconds = time.monotonic() - started, cpu_used() - cpu_before
     scan_end = time.time()
@@ -153,10 +233,16 @@ def run(stack) -> Run:
     poll(lambda: scraped_after(stack, "app", scan_end), 45, "a scrape of the app after the scan", interval=1)
     app_scraped = time.time()
     poll(lambda: scraped_after(stack, "cadvisor", app_scraped + 5), 30, "cAdvisor after the app's scrape", interval=1)
-    # The highest the naming layer's rate went since the scan began.
-    busy = one(stack, f"max_over_time(dice:container_cpu_usage:cores_rate1m{APP}[{int(seconds) + 40}s])")
-    throttled = one(stack, f"max_over_time(dice:container_cpu_throttled_periods:ratio_rate1m{APP}"
-                           f"[{int(seconds) + 40}s])")
+    # The highest the naming layer's rates went since the scan began, and the kernel's over the same windows.
+    kernel_cpu.stop()
+    since_scan = f"{int(time.time() - scan_start)}s"
+    busy = one(stack, f"max_over_time(dice:container_cpu_usage:cores_rate1m{APP}[{since_scan}])")
+    throttled = one(stack, f"max_over_time(dice:container_cpu_throttled_periods:ratio_rate1m{APP}[{since_scan}])")
+    windows = [(scan_start - 10, time.time(), width) for width in (50, 55, 60, 65)]
+    kernel_cores, kernel_throttled = ((min(low for low, _ in peaks), max(high for _, high in peaks)) for peaks in
+                                      ([kernel_cpu.peak_cores(*w) for w in windows],
+                                       [kernel_cpu.peak_throttled_share(*w) for w in windows]))
+    kernel_throttled_periods = kernel_cpu.throttled_between(scan_start, scan_end)
     kernel = group.memory.stats()
     # cAdvisor reads OOM kills from the kernel log within seconds; the naming layer's count must reach the
     # kernel's own (memory.oom_control) before the snapshot.
@@ -168,14 +254,17 @@ def run(stack) -> Run:
         "worker RSS MiB": workers_rss(stack), "OOM kills (naming layer, 5 min)": oom_kills[0],
         # Each later scrape of the app renders every scanned path again, and may cost another worker.
         "OOM kills (kernel, after the naming layer's count)": group.memory.stats()["oom_kill"]}
-    result = Run(counts, idle, busy, throttled, scan_cpu_seconds, statuses, seconds, cadvisor_before,
-                 series(stack, "cadvisor"), memory)
+    result = Run(counts, idle, busy, throttled, kernel_cores, kernel_throttled, kernel_throttled_periods,
+                 scan_cpu_seconds, statuses, seconds, cadvisor_before, series(stack, "cadvisor"), memory)
     print(f"\nseries per scrape, scraped -> stored: {counts}"
           f"\nscan of {SCAN_PATHS} paths through the edge in {seconds:.1f} s ({SCAN_PATHS / seconds:.0f} req/s): "
           f"{dict(statuses)}"
           f"\napp CPU: the kernel charged {scan_cpu_seconds:.1f} CPU-s in the scan's {seconds:.1f} s "
           f"({scan_cpu_seconds / seconds:.2f} cores); the naming layer's rate1m {idle} cores before, up to "
-          f"{busy} after; throttled up to {throttled} of its CFS periods")
+          f"{busy} after (the kernel's over the same windows: {kernel_cores[0]:.3f} to {kernel_cores[1]:.3f}); "
+          f"throttled up to {throttled} of its CFS periods (the kernel: "
+          f"{kernel_throttled_periods} periods throttled in the scan, up to {kernel_throttled[0]:.3f} to "
+          f"{kernel_throttled[1]:.3f} of its periods over 50 to 65 s windows)")
     for moment, facts in memory.items():
         print(f"app memory (MiB) {moment}: {in_mib(facts)}")
     return result
@@ -198,20 +287,34 @@ def test_the_apps_cgroup_carries_composes_limits_through_the_naming_layer(stack,
     assert 0.75 < before["working set (cAdvisor)"] / before["working set (kernel)"] < 1.25, before
 
 
+def agrees(naming_layer: float, kernel: tuple[float, float]) -> bool:
+    """A rate1m of the naming layer against the kernel's (at least, at most) over the same windows. The margin:
+    rate() extrapolates each counter to the window's edges (counters that started at 0 with the cgroup, less),
+    seen up to 1.13 times the kernel's on a busy machine, whose scrapes come late; and 0.02 for small rates."""
+    low, high = kernel
+    return 0.7 * low - 0.02 <= naming_layer <= 1.35 * high + 0.02
+
+
 def test_the_apps_cpu_moves_with_load_through_the_edge_and_stays_under_its_quota(run):
-    # The kernel's accounting: under the scan both workers are busy, as far as the 1-core quota lets them
-    # (on 2 cores, 2 workers could take more without it).
+    # The kernel's accounting: the quota holds (on 2 cores, 2 busy workers could take more without it). How
+    # near it the scan gets depends on the CPU the machine has to spare: 0.9 to 0.97 cores alone, 0.27 to 0.54
+    # beside other test stacks and CPU burners, the scan then taking 45 to 150 s instead of 20 to 26.
     cores = run.scan_cpu_seconds / run.seconds
-    assert 0.5 < cores <= 1.05, f"the app used {cores:.2f} cores during the scan, under a 1-core quota"
-    # The naming layer moves with it: idle, the app's CPU is its exporter threads; the scan is shorter than
-    # the rule's minute, so its rate1m peaks at no less than the scan's CPU-seconds over 60 s (more: the
-    # render of the app's /metrics for the scrape after the scan is in the same minute), and at no more
-    # than the quota.
-    assert run.idle_cores < 0.2 and run.busy_cores > run.idle_cores + 0.2, (run.idle_cores, run.busy_cores)
-    assert 0.7 * run.scan_cpu_seconds <= run.busy_cores * 60, (run.busy_cores, run.scan_cpu_seconds)
+    assert 0.2 < cores <= 1.05, f"the app used {cores:.2f} cores during the scan, under a 1-core quota"
+    # The naming layer moves with it: idle, the app's CPU is its exporter threads; its rate1m peaks where the
+    # kernel's CPU-seconds over the same windows do (the render of the app's /metrics for the scrape after the
+    # scan included), and at no more than the quota.
+    assert run.idle_cores < 0.2 and run.busy_cores > run.idle_cores + 0.1, (run.idle_cores, run.busy_cores)
+    assert agrees(run.busy_cores, run.kernel_cores), (run.busy_cores, run.kernel_cores)
     assert run.busy_cores <= 1.05, run.busy_cores
-    # And the quota bites: the app had more to run than its quota in a good share of its CFS periods.
-    assert run.throttled > 0.1, run.throttled
+    # And the share of CFS periods the quota throttled is the kernel's (cpu.stat) over the same windows: how
+    # much the quota bites depends on spare CPU too (0.38 to 0.43 of the periods alone, 0.01 to 0.07 beside
+    # other stacks), the agreement does not.
+    assert run.throttled is not None, "no dice:container_cpu_throttled_periods:ratio_rate1m for the app"
+    assert agrees(run.throttled, run.kernel_throttled), (run.throttled, run.kernel_throttled)
+    # Any period the kernel throttled in the scan shows: a rule on the wrong series, or a share that reads 0,
+    # fails here even when the quota bit only a little.
+    assert run.kernel_throttled_periods == 0 or run.throttled > 0, (run.throttled, run.kernel_throttled_periods)
 
 
 def test_cadvisor_adds_no_series_per_path_or_request(stack, run):
