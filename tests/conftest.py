@@ -114,6 +114,22 @@ def client(dice_app):
     return dice_app.app.test_client()
 
 
+@pytest.fixture(scope="session")
+def layout() -> Path:
+    """Our instrumentation image's folder (instrumentation/Dockerfile's own commands), built once per content."""
+    from tooling.k8s import injection
+
+    return injection.instrumentation_layout()
+
+
+@pytest.fixture(scope="session")
+def owners_bin() -> Path:
+    """The owners' image's Python: app/requirements.txt alone, no OpenTelemetry."""
+    from tooling.k8s import injection
+
+    return injection.owners_python()
+
+
 @pytest.fixture(scope="module")
 def log_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("logs")

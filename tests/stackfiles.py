@@ -12,6 +12,7 @@ import os
 import re
 import statistics
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -249,3 +250,45 @@ def app_routes() -> set[str]:
                 ):
                     routes.add(decorator.args[0].value)
     return routes
+
+
+class PeriodicReader:
+    """Something read every `interval` seconds in a daemon thread, from start() to stop() (which reads once
+    more), each reading appended to `samples`. A subclass's `read()` returns the sample, or None when there was
+    nothing to read (then `errors` says why, if it says); after `give_up` such reads in a row the thread ends by
+    itself (the stack it reads went down with a failed test)."""
+
+    interval = 0.5
+    give_up = 20
+
+    def __init__(self, name: str):
+        self.samples: list[tuple] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def read(self) -> tuple | None:
+        raise NotImplementedError
+
+    def _sample(self) -> bool:
+        sample = self.read()
+        if sample is not None:
+            self.samples.append(sample)
+        return sample is not None
+
+    def _run(self) -> None:
+        missed = 0
+        while not self._stop.wait(self.interval):
+            missed = 0 if self._sample() else missed + 1
+            if missed >= self.give_up:
+                return
+
+    def start(self):
+        self._sample()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self._sample()

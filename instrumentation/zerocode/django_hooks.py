@@ -22,11 +22,12 @@ SuspiciousOperation); a view that fails with a 500 keeps its exception event and
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
 import sys
+
+from zerocode.patching import wrap_once
 
 log = logging.getLogger("zerocode.django")
 
@@ -101,20 +102,16 @@ def answers_below_500_are_not_errors() -> bool:
     if middleware is None:
         return False
     cls = middleware._DjangoMiddleware
-    original = cls.process_response
-    if getattr(original, _WRAPPED_FLAG, False):
-        return False
 
-    @functools.wraps(original)
-    def process_response(self, request, response):
-        if getattr(response, "status_code", 500) < 500:
-            # The exception kept by process_exception would end the span as ERROR with its event.
-            request.META.pop(cls._environ_exception_key, None)
-        return original(self, request, response)
+    def wrap(original):
+        def process_response(self, request, response):
+            if getattr(response, "status_code", 500) < 500:
+                # The exception kept by process_exception would end the span as ERROR with its event.
+                request.META.pop(cls._environ_exception_key, None)
+            return original(self, request, response)
+        return process_response
 
-    setattr(process_response, _WRAPPED_FLAG, True)
-    cls.process_response = process_response
-    return True
+    return wrap_once(cls, "process_response", _WRAPPED_FLAG, wrap)
 
 
 def post_instrument(*_args, **_kwargs) -> None:

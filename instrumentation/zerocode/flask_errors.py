@@ -14,8 +14,9 @@ marked as failed, and a 500 is ERROR because it is a 500, whatever raised it.
 
 from __future__ import annotations
 
-import functools
 import logging
+
+from zerocode.patching import wrap_once
 
 log = logging.getLogger("zerocode.flask_errors")
 
@@ -27,26 +28,21 @@ def instrument() -> bool:
     from opentelemetry import trace
     from werkzeug.exceptions import HTTPException
 
-    original = flask.Flask.handle_user_exception
-    if getattr(original, _WRAPPED_FLAG, False):
-        return False
+    def wrap(original):
+        def handle_user_exception(self, e):
+            # Flask re-raises an exception no handler of the app takes: the Flask instrumentation records what
+            # escapes the app, so recording it here too would leave two events (seen with httpbin's /drip).
+            # Only what a handler turns into an answer is recorded, once that answer exists.
+            answer = original(self, e)
+            # HTTP errors such as 404 are answers, not failures: only real exceptions are recorded.
+            if not isinstance(e, HTTPException):
+                span = trace.get_current_span()
+                if span.is_recording():
+                    span.record_exception(e)
+            return answer
+        return handle_user_exception
 
-    @functools.wraps(original)
-    def handle_user_exception(self, e):
-        # Flask re-raises an exception no handler of the app takes: the Flask instrumentation records what
-        # escapes the app, so recording it here too would leave two events (seen with httpbin's /drip). Only
-        # what a handler turns into an answer is recorded, once that answer exists.
-        answer = original(self, e)
-        # HTTP errors such as 404 are answers, not failures: only real exceptions are recorded.
-        if not isinstance(e, HTTPException):
-            span = trace.get_current_span()
-            if span.is_recording():
-                span.record_exception(e)
-        return answer
-
-    setattr(handle_user_exception, _WRAPPED_FLAG, True)
-    flask.Flask.handle_user_exception = handle_user_exception
-    return True
+    return wrap_once(flask.Flask, "handle_user_exception", _WRAPPED_FLAG, wrap)
 
 
 def post_instrument(*_args, **_kwargs) -> None:

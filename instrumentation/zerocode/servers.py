@@ -25,6 +25,8 @@ import logging
 import threading
 import time
 
+from zerocode.patching import wrap_once
+
 log = logging.getLogger("zerocode.servers")
 
 FLUSH_TIMEOUT_S = 4.0
@@ -82,21 +84,16 @@ def instrument_uvicorn() -> bool:
     """Wrap uvicorn's Server.shutdown; False when it is wrapped already."""
     from uvicorn.server import Server
 
-    original = Server.shutdown
-    if getattr(original, _WRAPPED_FLAG, False):
-        return False
+    def wrap(original):
+        async def shutdown(self, *args, **kwargs):
+            try:
+                return await original(self, *args, **kwargs)
+            finally:
+                # Blocking the event loop is fine here: the server has stopped serving.
+                _flush_and_say_what_was_lost()
+        return shutdown
 
-    @functools.wraps(original)
-    async def shutdown(self, *args, **kwargs):
-        try:
-            return await original(self, *args, **kwargs)
-        finally:
-            # Blocking the event loop is fine here: the server has stopped serving.
-            _flush_and_say_what_was_lost()
-
-    setattr(shutdown, _WRAPPED_FLAG, True)
-    Server.shutdown = shutdown
-    return True
+    return wrap_once(Server, "shutdown", _WRAPPED_FLAG, wrap)
 
 
 def post_instrument(*_args, **_kwargs) -> None:

@@ -14,9 +14,10 @@ response starts, inside the request's span, so each carries the request's trace 
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
+
+from zerocode.patching import wrap_once
 
 log = logging.getLogger("zerocode.uvicorn_logs")
 
@@ -65,21 +66,16 @@ def _ancestors(name: str) -> list[str]:
 def instrument_uvicorn() -> bool:
     from uvicorn.server import Server
 
-    original = Server.startup
-    if getattr(original, _WRAPPED_FLAG, False):
-        return False
+    def wrap(original):
+        async def startup(self, *args, **kwargs):
+            try:
+                attach()
+            except Exception as exc:  # noqa: BLE001 - the server must start whatever happens here
+                log.warning("uvicorn's own log records will not be exported: %s", exc)
+            return await original(self, *args, **kwargs)
+        return startup
 
-    @functools.wraps(original)
-    async def startup(self, *args, **kwargs):
-        try:
-            attach()
-        except Exception as exc:  # noqa: BLE001 - the server must start whatever happens here
-            log.warning("uvicorn's own log records will not be exported: %s", exc)
-        return await original(self, *args, **kwargs)
-
-    setattr(startup, _WRAPPED_FLAG, True)
-    Server.startup = startup
-    return True
+    return wrap_once(Server, "startup", _WRAPPED_FLAG, wrap)
 
 
 def post_instrument(*_args, **_kwargs) -> None:

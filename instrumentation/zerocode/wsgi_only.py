@@ -16,6 +16,8 @@ import functools
 import logging
 import os
 
+from zerocode.patching import wrap_once
+
 log = logging.getLogger("zerocode.wsgi_only")
 
 SETTING = "ZEROCODE_HTTP_INSTRUMENTATION"
@@ -27,22 +29,18 @@ def instrument(tracer_provider=None, meter_provider=None) -> bool:
     import flask
     from opentelemetry.instrumentation.wsgi import OpenTelemetryMiddleware
 
-    original = flask.Flask.wsgi_app
-    if getattr(original, _MIDDLEWARE, False):
-        return False
+    def wrap(original):
+        def wsgi_app(self, environ, start_response):
+            # One middleware per app object, made on its first request: apps are created after this hook runs.
+            middleware = self.__dict__.get(_MIDDLEWARE)
+            if middleware is None:
+                middleware = self.__dict__[_MIDDLEWARE] = OpenTelemetryMiddleware(
+                    functools.partial(original, self), tracer_provider=tracer_provider,
+                    meter_provider=meter_provider)
+            return middleware(environ, start_response)
+        return wsgi_app
 
-    @functools.wraps(original)
-    def wsgi_app(self, environ, start_response):
-        # One middleware per app object, made on its first request: apps are created after this hook runs.
-        middleware = self.__dict__.get(_MIDDLEWARE)
-        if middleware is None:
-            middleware = self.__dict__[_MIDDLEWARE] = OpenTelemetryMiddleware(
-                functools.partial(original, self), tracer_provider=tracer_provider, meter_provider=meter_provider)
-        return middleware(environ, start_response)
-
-    setattr(wsgi_app, _MIDDLEWARE, True)
-    flask.Flask.wsgi_app = wsgi_app
-    return True
+    return wrap_once(flask.Flask, "wsgi_app", _MIDDLEWARE, wrap)
 
 
 def post_instrument(*_args, **_kwargs) -> None:

@@ -341,11 +341,6 @@ ASGI_SERVERS = {
 
 
 @pytest.fixture(scope="module")
-def layout():
-    return inj.instrumentation_layout()
-
-
-@pytest.fixture(scope="module")
 def asgi_bin():
     return cached_venv("asgi", ASGI_PINS)
 

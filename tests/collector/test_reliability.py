@@ -27,7 +27,7 @@ from unittest import mock
 import psutil
 import pytest
 import yaml
-from stackfiles import assert_unaffected, phase, traffic_started
+from stackfiles import PeriodicReader, assert_unaffected, phase, traffic_started
 
 from tooling.native import stack as native
 from tooling.native.stack import (
@@ -467,7 +467,7 @@ COLLECTOR_LOSS_COUNTERS = ('{job="otel-collector-internal", __name__=~"otelcol_(
 COLLECTOR_ACCEPTED_SPANS = 'sum(otelcol_receiver_accepted_spans{job="otel-collector-internal"})'
 
 
-class ServiceGraphStore:
+class ServiceGraphStore(PeriodicReader):
     """The service-graph connector's own counters, read from the collector's telemetry endpoint every 0.5 s in a
     thread: the edges it took into its store (new edges) and the spans it dropped because the store was full.
 
@@ -479,40 +479,20 @@ class ServiceGraphStore:
     NEW, DROPPED = "otelcol_connector_servicegraph_total_edges", "otelcol_connector_servicegraph_dropped_spans"
 
     def __init__(self, stack: NativeStack):
+        super().__init__("service-graph store")
         self.url = f"http://127.0.0.1:{stack.ports.collector_telemetry}/metrics"
-        self.samples: list[tuple[float, int, int]] = []  # (monotonic seconds, new edges, dropped spans)
-        self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="service-graph store", daemon=True)
 
-    def _read(self) -> bool:
+    def read(self) -> tuple[float, int, int] | None:
+        """(monotonic seconds, new edges, dropped spans), or None when the collector does not answer."""
         try:
             text = urllib.request.urlopen(self.url, timeout=2).read().decode()
         except OSError as exc:
             self.errors.append(str(exc))
-            return False
+            return None
         totals = Counter()
         for name, value in re.findall(r"^(otelcol_connector_servicegraph_\w+)(?:\{[^}]*\})? (\S+)$", text, re.M):
             totals[name] += int(float(value))
-        self.samples.append((time.monotonic(), totals[self.NEW], totals[self.DROPPED]))
-        return True
-
-    def _run(self) -> None:
-        unread = 0
-        while not self._stop.wait(0.5):
-            unread = 0 if self._read() else unread + 1
-            if unread >= 20:  # the collector is gone (a test that failed took the stack down): nothing to read
-                return
-
-    def start(self) -> ServiceGraphStore:
-        self._read()
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._read()
+        return time.monotonic(), totals[self.NEW], totals[self.DROPPED]
 
     def most_within(self, seconds: float, dropped_too: bool = False) -> int:
         """The most edges taken (with `dropped_too`, offered: taken or dropped) in any `seconds`, at most: a

@@ -348,7 +348,8 @@ def test_the_image_installs_the_app_and_the_hooks_and_nothing_else_of_ours():
                for p in (REPO_ROOT / "instrumentation").rglob("*.py")}
     assert modules == {"sitecustomize.py", "zerocode/__init__.py", "zerocode/profiling.py", "zerocode/flask_errors.py",
                        "zerocode/latency.py", "zerocode/wsgi_only.py", "zerocode/preflight.py", "zerocode/servers.py",
-                       "zerocode/django_hooks.py", "zerocode/uvicorn_logs.py", "zerocode/instances.py"}
+                       "zerocode/django_hooks.py", "zerocode/uvicorn_logs.py", "zerocode/instances.py",
+                       "zerocode/patching.py"}
 
 
 def test_each_package_declares_what_it_imports():

@@ -247,16 +247,6 @@ def test_the_app_listens_where_the_edge_prometheus_and_beyla_look(project):
 
 # ------------------------------------------------------------------------------------------- run for real
 
-@pytest.fixture(scope="module")
-def layout() -> Path:
-    return inj.instrumentation_layout()
-
-
-@pytest.fixture(scope="module")
-def owners_bin() -> Path:
-    return inj.owners_python()
-
-
 def tree(folder: Path) -> dict[str, int]:
     """relative path -> size (-1 for a folder) of everything under folder."""
     return {p.relative_to(folder).as_posix(): (-1 if p.is_dir() else p.stat().st_size) for p in folder.rglob("*")}

@@ -41,7 +41,9 @@ import requests
 from backend_checks import PLAN, SERVICE, Backends, send_known_load, skip_unless, why_no_docker
 from stackfiles import EXPECTED_STATUS, REPO_ROOT, dotenv
 
+from tooling.k8s.injection import MOUNT_PATH
 from tooling.k8s.render import BEYLA_NAMESPACE, NAMESPACE, NODE_EXPORTER_NAMESPACE, OWNERS_IMAGE, zerocode_image
+from tooling.native import own_app
 from tooling.native.stack import poll
 from tooling.reports.compare import UNMATCHED, difference, take_snapshot
 
@@ -111,9 +113,9 @@ class Cluster:
         return f"http://127.0.0.1:{poll(local_port, 60, f'kubectl port-forward {target}', interval=0.5).group(1)}"
 
 
-OWN_APP = "httpbin"  # the example of docs/own-app.md deployed by annotation (examples/httpbin/)
-OWN_APP_NAMESPACE = "own-apps"
-OWN_APP_IMAGE = f"own-apps/{OWN_APP}:local"
+OWN_APP = own_app.OwnApp("httpbin")  # the example of docs/own-app.md deployed by annotation (examples/httpbin/)
+OWN_APP_NAMESPACE = OWN_APP.pod().namespace
+OWN_APP_IMAGE = OWN_APP.container()["image"]
 
 
 def build_images(env: dict[str, str]) -> None:
@@ -125,7 +127,7 @@ def build_images(env: dict[str, str]) -> None:
         "-f", REPO_ROOT / "app" / "Dockerfile", REPO_ROOT, timeout=1200)
     run("docker", "build", *python, *busybox, "-t", zerocode_image(),
         "-f", REPO_ROOT / "instrumentation" / "Dockerfile", REPO_ROOT, timeout=1200)
-    run("docker", "build", *python, "-t", OWN_APP_IMAGE, REPO_ROOT / "examples" / OWN_APP, timeout=1200)
+    run("docker", "build", *python, "-t", OWN_APP_IMAGE, OWN_APP.folder, timeout=1200)
 
 
 def install_stack(cluster: Cluster, env: dict[str, str]) -> None:
@@ -530,56 +532,56 @@ OWN_APP_PLAN = {("/get", "200", "/get"): 30, ("/drip", "500", "/drip?numbytes=ab
 
 
 @pytest.fixture(scope="module")
-def own_app(cluster, backends) -> dict:
+def users_app(cluster, backends) -> dict:
     """examples/httpbin/deployment.yaml applied as its owners would (its namespace first), the pod injected by
     the Operator's webhook through the pod template's one annotation; then a known load through a port-forward."""
-    examples = REPO_ROOT / "examples"
-    cluster.k("apply", "-f", examples / "namespace.yaml", "-f", examples / OWN_APP / "deployment.yaml")
-    cluster.k("-n", OWN_APP_NAMESPACE, "rollout", "status", f"deployment/{OWN_APP}", "--timeout=300s", timeout=330)
-    url = cluster.forward(f"svc/{OWN_APP}", 8080, namespace=OWN_APP_NAMESPACE)
+    cluster.k("apply", "-f", own_app.EXAMPLES / "namespace.yaml", "-f", OWN_APP.manifest)
+    name = OWN_APP.pod().deployment
+    cluster.k("-n", OWN_APP_NAMESPACE, "rollout", "status", f"deployment/{name}", "--timeout=300s", timeout=330)
+    url = cluster.forward(f"svc/{name}", OWN_APP.exposed_port(), namespace=OWN_APP_NAMESPACE)
     for (_, status, path), count in OWN_APP_PLAN.items():
         for _ in range(count):
             assert str(requests.get(url + path, timeout=10).status_code) == status, path
-    pods = [pod for pod in cluster.objects("pods", OWN_APP_NAMESPACE, f"app.kubernetes.io/name={OWN_APP}")
+    pods = [pod for pod in cluster.objects("pods", OWN_APP_NAMESPACE, f"app.kubernetes.io/name={name}")
             if "deletionTimestamp" not in pod["metadata"]]
     return {"url": url, "pods": pods, "sent": Counter({(route, status): n for (route, status, _), n in
                                                        OWN_APP_PLAN.items()})}
 
 
-def test_the_users_deployment_is_injected_by_its_annotation_alone(own_app):
-    (pod,) = own_app["pods"]
+def test_the_users_deployment_is_injected_by_its_annotation_alone(users_app):
+    (pod,) = users_app["pods"]
     assert INIT_CONTAINER in init_names(pod)
     (container,) = pod["spec"]["containers"]
     assert container["image"] == OWN_APP_IMAGE and "command" not in container, "the owners' image and CMD, untouched"
     env = {var["name"]: var.get("value") for var in container["env"]}
-    assert env["OTEL_SERVICE_NAME"] == OWN_APP and env["PYTHONPATH"].startswith("/otel-auto-instrumentation-python")
+    assert env["OTEL_SERVICE_NAME"] == OWN_APP.service_name and env["PYTHONPATH"].startswith(MOUNT_PATH)
 
 
-def test_the_users_app_is_counted_exactly_by_otel(backends, own_app):
+def test_the_users_app_is_counted_exactly_by_otel(backends, users_app):
     query = ('sum by (http_route, http_response_status_code) (http_server_request_duration_seconds_count'
-             f'{{telemetry_source="otel", job="{OWN_APP_NAMESPACE}/{OWN_APP}"}})')
+             f'{{telemetry_source="otel", job="{OWN_APP_NAMESPACE}/{OWN_APP.service_name}"}})')
 
     def counted():
         rows = backends.prometheus_query(query)
         seen = Counter({(r["metric"].get("http_route"), r["metric"]["http_response_status_code"]):
                         int(float(r["value"][1])) for r in rows})
-        assert seen == own_app["sent"], f"sent {dict(own_app['sent'])}, otel {dict(seen)}"
+        assert seen == users_app["sent"], f"sent {dict(users_app['sent'])}, otel {dict(seen)}"
         return seen
 
-    poll(counted, 90, f"{OWN_APP}'s otel counts")
+    poll(counted, 90, f"{OWN_APP.service_name}'s otel counts")
 
 
-def test_the_users_app_traces_its_exceptions_and_profiles(backends, own_app):
+def test_the_users_app_traces_its_exceptions_and_profiles(backends, users_app):
     def failing():
-        found = backends.tempo_search(f'{{resource.service.name="{OWN_APP}" && span.http.route="/drip" '
-                                      f'&& status=error}}', limit=50)
-        assert len(found) == own_app["sent"][("/drip", "500")], f"{len(found)} error traces of /drip"
+        found = backends.tempo_search(f'{{resource.service.name="{OWN_APP.service_name}" '
+                                      f'&& span.http.route="/drip" && status=error}}', limit=50)
+        assert len(found) == users_app["sent"][("/drip", "500")], f"{len(found)} error traces of /drip"
         return found
 
-    poll(failing, 90, f"{OWN_APP}'s error traces of /drip")
+    poll(failing, 90, f"{OWN_APP.service_name}'s error traces of /drip")
     # httpbin's /get view function in the flame graph of its own service.
-    body = {"profileTypeID": checks.CPU_PROFILE, "labelSelector": f'{{service_name="{OWN_APP}"}}',
+    body = {"profileTypeID": checks.CPU_PROFILE, "labelSelector": f'{{service_name="{OWN_APP.service_name}"}}',
             **checks.last_minutes_ms()}
     poll(lambda: any("view_get" in name for name in backends.pyroscope_query("SelectMergeStacktraces", body)
-                     .get("flamegraph", {}).get("names", [])), 240, f"a CPU profile of {OWN_APP} with view_get",
-         interval=5)
+                     .get("flamegraph", {}).get("names", [])),
+         240, f"a CPU profile of {OWN_APP.service_name} with view_get", interval=5)

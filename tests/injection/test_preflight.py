@@ -320,11 +320,6 @@ def conflict_command(bin_dir: Path, port: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def layout() -> Path:
-    return inj.instrumentation_layout()
-
-
-@pytest.fixture(scope="module")
 def conflict_bin() -> Path:
     return conflict_python()
 

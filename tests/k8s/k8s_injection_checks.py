@@ -34,8 +34,6 @@ from tooling.native.stack import REPO_ROOT, NativeStack, by_labels, poll, promet
 VIEW_FUNCTION = "roll_dice"
 LOAD_SECONDS = 12
 LOAD_USERS = 10
-COLLECTOR_PORTS = {"grpc": 4317, "http": 4318}  # the collector Service's ports (k8s/stack/otel-collector.yaml)
-PYROSCOPE_PORT = 4040
 
 
 # ----------------------------------------------------------------------------------- the two Dockerfiles
@@ -105,9 +103,7 @@ def test_the_instrumentation_image_is_laid_out_as_the_operator_expects():
 # ------------------------------------------------------------------------------ the Pod's environment
 
 def local_addresses(otlp_grpc: int = 14317, otlp_http: int = 14318, pyroscope: int = 14040) -> dict:
-    return {("otel-collector", COLLECTOR_PORTS["grpc"]): f"127.0.0.1:{otlp_grpc}",
-            ("otel-collector", COLLECTOR_PORTS["http"]): f"127.0.0.1:{otlp_http}",
-            ("pyroscope", PYROSCOPE_PORT): f"127.0.0.1:{pyroscope}"}
+    return inj.native_addresses(otlp_grpc, otlp_http, pyroscope)
 
 
 @pytest.mark.unit
@@ -194,19 +190,8 @@ def test_the_hand_built_env_equals_the_one_captured_from_the_webhook(tmp_path_fa
     captured, pod_name = inj.read_mutated_env(Path(path), inj.pod_identity().deployment)
     pod = inj.with_pod_name(inj.pod_identity(), pod_name)
     built = inj.operator_container_env(pod, inj.instrumentation_resource())
-    def simple(env: list[dict]) -> list[tuple]:
-        # The API server defaults a fieldRef's apiVersion to v1 (the Operator leaves it out).
-        def source(var: dict):
-            if "valueFrom" not in var:
-                return var.get("value")
-            value_from = {key: dict(ref) for key, ref in var["valueFrom"].items()}
-            if value_from.get("fieldRef", {}).get("apiVersion") == "v1":
-                del value_from["fieldRef"]["apiVersion"]
-            return value_from
-        return [(var["name"], source(var)) for var in env]
-
     print(f"\ncaptured {len(captured)} variables from {path}")
-    assert simple(captured) == simple(built)
+    assert inj.comparable_env(captured) == inj.comparable_env(built)
 
 
 @pytest.mark.unit
@@ -218,16 +203,6 @@ def test_a_cluster_address_without_a_native_counterpart_is_refused():
 
 
 # ------------------------------------------------------------------------------------ the layout itself
-
-@pytest.fixture(scope="module")
-def layout() -> Path:
-    return inj.instrumentation_layout()
-
-
-@pytest.fixture(scope="module")
-def owners_bin() -> Path:
-    return inj.owners_python()
-
 
 @pytest.mark.integration
 def test_the_layout_holds_exactly_the_compose_pins_and_the_hooks(layout):

@@ -620,18 +620,6 @@ def same_but_address(expected: str, actual: str) -> bool:
     return expected == actual or bool(a and b and a[1] == b[1] and a[2] == b[2])
 
 
-def comparable(env: list[dict]) -> list[tuple]:
-    """(name, value or valueFrom) per variable, with the fieldRef apiVersion the API server defaults left out."""
-    def source(var: dict):
-        if "valueFrom" not in var:
-            return var.get("value")
-        value_from = {key: dict(ref) for key, ref in var["valueFrom"].items()}
-        if value_from.get("fieldRef", {}).get("apiVersion") == "v1":
-            del value_from["fieldRef"]["apiVersion"]
-        return value_from
-    return [(var["name"], source(var)) for var in env]
-
-
 def assert_own_app_env_is_the_hand_built_one(name: str, instrumentation: dict, mutated: dict, env: list[dict]):
     from tooling.k8s import injection as inj
     from tooling.native import own_app
@@ -644,7 +632,7 @@ def assert_own_app_env_is_the_hand_built_one(name: str, instrumentation: dict, m
     if "PYTHONPATH" in own:
         assert given["PYTHONPATH"] == f"{PYTHONPATH_PREFIX}:{own['PYTHONPATH']}:{MOUNT_PATH}", given["PYTHONPATH"]
     print(f"\n{name}: the webhook's env ({len(env)} variables) vs tooling/native/own_app.py's")
-    assert comparable(env) == comparable(built)
+    assert inj.comparable_env(env) == inj.comparable_env(built)
 
 
 @pytest.mark.integration

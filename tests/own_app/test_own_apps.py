@@ -18,8 +18,8 @@ from __future__ import annotations
 import signal
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
+import psutil
 import pytest
 
 from tooling.k8s import injection as inj
@@ -29,6 +29,33 @@ from tooling.native.stack import NativeStack, by_labels, free_port, poll, run_lo
 LOAD_SECONDS = 16  # more than the profiler's 10-s upload interval: every worker uploads during the load
 LOAD_USERS = 6
 NO_ROUTE = "(no route)"  # the locust name of requests that match no route of the app
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("app", own_app.examples(), ids=lambda app: app.name)
+def test_each_examples_deployment_runs_its_dockerfiles_image_as_built(app):
+    """What the Deployment says of the container equals what the Dockerfile builds: the port it listens on, the
+    user it runs as, its settings (the Deployment's own env may only repeat the image's) and, for PYTHONPATH,
+    the image's working folder; the image is the one docs/own-app.md builds, the annotation names the stack's
+    Instrumentation, and examples/kustomization.yaml deploys it."""
+    import re
+
+    import yaml
+
+    container, pod = app.container(), app.deployment()["spec"]["template"]
+    assert [port["containerPort"] for port in container["ports"]] == [app.exposed_port()]
+    uids = {int(uid) for run in app.instructions() for uid in re.findall(r"useradd --uid (\d+)", run)}
+    assert uids == {pod["spec"]["securityContext"]["runAsUser"]}
+    assert container["image"] == f"own-apps/{app.name}:local"
+    own = {var["name"]: var["value"] for var in container.get("env", [])}
+    image = app.image_env()
+    assert {k: v for k, v in own.items() if k != "PYTHONPATH"}.items() <= image.items(), (own, image)
+    assert own.get("PYTHONPATH", app.workdir()) == app.workdir()
+    instrumentation = inj.instrumentation_resource()["metadata"]
+    namespace = yaml.safe_load((own_app.EXAMPLES / "kustomization.yaml").read_text())
+    assert pod["metadata"]["annotations"][own_app.INJECT_ANNOTATION] == \
+        f"{inj.pod_identity().namespace}/{instrumentation['name']}"
+    assert f"{app.name}/deployment.yaml" in namespace["resources"]
 
 
 @dataclass(frozen=True)
@@ -54,33 +81,6 @@ RUNS = [
 ]
 
 
-def local_addresses(stack: NativeStack) -> dict:
-    return {("otel-collector", 4317): f"127.0.0.1:{stack.ports.otlp_grpc}",
-            ("otel-collector", 4318): f"127.0.0.1:{stack.ports.otlp_http}",
-            ("pyroscope", 4040): f"127.0.0.1:{stack.ports.pyroscope_sink}"}
-
-
-def descendants(pid: int) -> dict[int, str]:
-    """{pid: command line} of every process below `pid`, from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(parent, []).append(int(entry.name))
-    found, todo = {}, list(children.get(pid, []))
-    while todo:
-        child = todo.pop()
-        try:
-            found[child] = (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        todo += children.get(child, [])
-    return found
-
-
 @dataclass
 class Observed:
     run: Run
@@ -100,11 +100,6 @@ class Observed:
         return dict(pair.split("=", 1) for pair in self.environment["OTEL_RESOURCE_ATTRIBUTES"].split(","))
 
 
-@pytest.fixture(scope="module")
-def layout() -> Path:
-    return inj.instrumentation_layout()
-
-
 @pytest.fixture(scope="module", params=RUNS, ids=[f"{r.app}-{r.server}" for r in RUNS])
 def observed(request, layout, tmp_path_factory):
     run: Run = request.param
@@ -116,7 +111,8 @@ def observed(request, layout, tmp_path_factory):
     try:
         stack.start_collector()
         stack.start_prometheus()
-        environment, env_list = own_app.pod_environment(app, python, layout, local_addresses(stack))
+        addresses = inj.native_addresses(stack.ports.otlp_grpc, stack.ports.otlp_http, stack.ports.pyroscope_sink)
+        environment, env_list = own_app.pod_environment(app, python, layout, addresses)
         # A port of its own, not the stack's app port: Prometheus scrapes the dice API's /metrics there, and
         # these apps have none (Django would count each scrape as a request: a 301, then a 404).
         port = free_port()
@@ -135,8 +131,10 @@ def observed(request, layout, tmp_path_factory):
         sent = Counter({(row["name"], str(row["status"])): row["count"] for row in truth["sent"]})
         assert sum(sent.values()) == truth["locust_totals"]["num_requests"] > 100
         assert not [key for key in sent if key[1] == "0"], f"requests without an answer: {sent}"
-        workers = {pid: cmd for pid, cmd in descendants(stack.app.process.pid).items()
-                   if "resource_tracker" not in cmd}
+        # Every process below the server's but multiprocessing's resource tracker (uvicorn --workers has one).
+        workers = {child.pid: " ".join(child.cmdline())
+                   for child in psutil.Process(stack.app.process.pid).children(recursive=True)}
+        workers = {pid: cmd for pid, cmd in workers.items() if "resource_tracker" not in cmd}
         observed = Observed(run, app, stack, environment, sent, workers, url)
         yield observed
     finally:

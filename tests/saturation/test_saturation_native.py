@@ -22,6 +22,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from stackfiles import PeriodicReader
 
 from tooling.native import container
 from tooling.native.container import compose_cpus, compose_mem_limit
@@ -97,40 +98,26 @@ def series(stack: NativeStack, job: str) -> set[tuple]:
     return {tuple(sorted(r["metric"].items())) for r in stack.query(f'{{job="{job}"}}')}
 
 
-class KernelCpu:
+class KernelCpu(PeriodicReader):
     """The kernel's accounting of the app's cgroup, read every 0.5 s in a thread: CPU used (cpuacct.usage) and the
     CFS periods it ran in and was throttled in (cpu.stat). The naming layer's rates are checked against the
     kernel's own over the same windows, whatever CPU the machine had to spare: on a busy machine the app may
     not reach its quota, the kernel then throttles it less, and both sides show it."""
 
     def __init__(self, group: container.ContainerCgroup):
+        super().__init__("cgroup cpu")
         self.group = group
-        # (epoch seconds, CPU-seconds, nr_periods, nr_throttled); at the cgroup's creation all were 0.
-        self.samples: list[tuple[float, float, int, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="cgroup cpu", daemon=True)
 
-    def _read(self) -> None:
-        stat = self.group.cpu_stat()
-        used = int((self.group.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9
-        self.samples.append((time.time(), used, stat["nr_periods"], stat["nr_throttled"]))
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.5):
-            try:
-                self._read()
-            except OSError:  # the stack went down (a failed fixture): its cgroup with it
-                return
-
-    def start(self) -> KernelCpu:
-        self._read()
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._read()
+    def read(self) -> tuple[float, float, int, int] | None:
+        """(epoch seconds, CPU-seconds, nr_periods, nr_throttled); at the cgroup's creation all were 0. None once
+        the cgroup is gone (the stack went down with a failed fixture)."""
+        try:
+            stat = self.group.cpu_stat()
+            used = int((self.group.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9
+        except OSError as exc:
+            self.errors.append(str(exc))
+            return None
+        return time.time(), used, stat["nr_periods"], stat["nr_throttled"]
 
     def throttled_between(self, start: float, end: float) -> int:
         """Periods throttled from the last sample at or before `start` to the first at or after `end`."""

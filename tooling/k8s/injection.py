@@ -488,6 +488,31 @@ def kubelet_resolve(env: list[dict], base: dict[str, str], pod: PodIdentity,
     return resolved
 
 
+def comparable_env(env: list[dict]) -> list[tuple]:
+    """(name, value or valueFrom) per variable of a container's env, in order, with the fieldRef apiVersion that
+    the API server defaults (and the Operator leaves out) taken out: a captured env and a built one compare."""
+    def source(var: dict):
+        if "valueFrom" not in var:
+            return var.get("value")
+        value_from = {key: dict(ref) for key, ref in var["valueFrom"].items()}
+        if value_from.get("fieldRef", {}).get("apiVersion") == "v1":
+            del value_from["fieldRef"]["apiVersion"]
+        return value_from
+    return [(var["name"], source(var)) for var in env]
+
+
+# The cluster Services the Instrumentation sends to (k8s/stack/otel-collector.yaml, pyroscope.yaml), by port.
+COLLECTOR_PORTS = {"grpc": 4317, "http": 4318}
+PYROSCOPE_PORT = 4040
+
+
+def native_addresses(otlp_grpc: int, otlp_http: int, pyroscope: int) -> dict[tuple[str, int], str]:
+    """`map_addresses`'s table for a native stack: the collector's two OTLP ports and Pyroscope, on 127.0.0.1."""
+    return {("otel-collector", COLLECTOR_PORTS["grpc"]): f"127.0.0.1:{otlp_grpc}",
+            ("otel-collector", COLLECTOR_PORTS["http"]): f"127.0.0.1:{otlp_http}",
+            ("pyroscope", PYROSCOPE_PORT): f"127.0.0.1:{pyroscope}"}
+
+
 CLUSTER_ADDRESS = re.compile(r"\b([a-z0-9]([-a-z0-9]*[a-z0-9])?)\.([a-z0-9-]+)\.svc(\.cluster\.local)?:(\d+)\b")
 
 
@@ -500,6 +525,24 @@ def map_addresses(value: str, addresses: dict[tuple[str, int], str]) -> str:
             raise ValueError(f"{match[0]} (in {value!r}) has no address in the native stack: {sorted(addresses)}")
         return addresses[key]
     return CLUSTER_ADDRESS.sub(local, value)
+
+
+def image_environment(python_bin: Path, image_env: dict[str, str]) -> dict[str, str]:
+    """What a python image gives its container's process, natively: PATH with the image's Python (here a
+    virtualenv's bin/) first, LANG as the python image sets it, HOME, then the Dockerfile's own ENV."""
+    return {"PATH": f"{python_bin}{os.pathsep}/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
+            "HOME": os.environ.get("HOME", "/"), **image_env}
+
+
+def local_paths(value: str, folders: dict[str, Path]) -> str:
+    """A PATH-like value (PYTHONPATH) with every entry at or under one of `folders`' container paths moved to
+    that folder's local counterpart (the mount to the layout, the image's WORKDIR to the app's site)."""
+    def local(entry: str) -> str:
+        for inside, here in folders.items():
+            if entry == inside or entry.startswith(inside + "/"):
+                return str(here) + entry[len(inside):]
+        return entry
+    return os.pathsep.join(local(entry) for entry in value.split(os.pathsep))
 
 
 def pod_environment(layout: Path, owners_bin: Path, addresses: dict[tuple[str, int], str], *, port: int,
@@ -538,16 +581,13 @@ def pod_environment(layout: Path, owners_bin: Path, addresses: dict[tuple[str, i
         env_list = operator_container_env(pod, instrumentation_resource())
         source = "built by hand from the Operator's logic (OTEL_OPERATOR_VERSION in .env: sdk.go, python.go)"
 
-    image = {"PATH": f"{owners_bin}{os.pathsep}/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-             "HOME": os.environ.get("HOME", "/"), **stage_env(stage(APP_DOCKERFILE, "owners"))}
+    image = image_environment(owners_bin, stage_env(stage(APP_DOCKERFILE, "owners")))
     config_map = load_env_file(APP_SETTINGS_ENV)
     environment = kubelet_resolve(env_list, {**image, **config_map}, pod)
 
     for key, value in list(environment.items()):
         environment[key] = map_addresses(value, addresses)
-    environment["PYTHONPATH"] = os.pathsep.join(
-        str(layout) + entry[len(MOUNT_PATH):] if entry == MOUNT_PATH or entry.startswith(MOUNT_PATH + "/") else entry
-        for entry in environment["PYTHONPATH"].split(os.pathsep))
+    environment["PYTHONPATH"] = local_paths(environment["PYTHONPATH"], {MOUNT_PATH: layout})
     if "PROMETHEUS_MULTIPROC_DIR" in environment:
         environment["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc_dir)
     environment.update(BIND_HOST="127.0.0.1", PORT=str(port))

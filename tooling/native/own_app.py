@@ -85,6 +85,9 @@ class OwnApp:
                 found.append(rest)
         return found
 
+    def workdir(self) -> str:
+        return self._keyword("WORKDIR")[-1]
+
     def exposed_port(self) -> int:
         (port,) = self._keyword("EXPOSE")
         return int(port.split("/")[0])
@@ -191,16 +194,10 @@ def pod_environment(app: OwnApp, python: AppPython, layout: Path, addresses: dic
     pod = app.pod()
     env_list = mutated_env or inj.operator_container_env(
         pod, instrumentation or inj.instrumentation_resource(), app.container().get("env") or [])
-    image = {"PATH": f"{python.bin}{os.pathsep}/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-             "HOME": os.environ.get("HOME", "/"), **app.image_env()}
-    environment = inj.kubelet_resolve(env_list, image, pod)
+    environment = inj.kubelet_resolve(env_list, inj.image_environment(python.bin, app.image_env()), pod)
     for key, value in list(environment.items()):
         environment[key] = inj.map_addresses(value, addresses)
     # The mount and the image's WORKDIR, as this machine has them.
-    workdir = app._keyword("WORKDIR")[-1]
-    environment["PYTHONPATH"] = os.pathsep.join(
-        str(layout) + entry[len(inj.MOUNT_PATH):] if entry == inj.MOUNT_PATH or entry.startswith(inj.MOUNT_PATH + "/")
-        else str(python.site) + entry[len(workdir):] if entry == workdir or entry.startswith(workdir + "/")
-        else entry
-        for entry in environment["PYTHONPATH"].split(os.pathsep))
+    environment["PYTHONPATH"] = inj.local_paths(environment["PYTHONPATH"],
+                                                {inj.MOUNT_PATH: layout, app.workdir(): python.site})
     return environment, env_list
