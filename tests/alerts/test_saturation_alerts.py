@@ -11,22 +11,25 @@ Alertmanager notify a webhook receiver:
    scenario, through the edge, in bounded chunks) until the kernel OOM-kills a process of the cgroup. It
    must be a gunicorn worker: the master stays and forks a new one, the app keeps answering the steady
    load (no gap longer than MAX_GAP_S in what locust got back), and DiceAppOomKilled fires as committed
-   (no `for`). Then compose's limit is put back, both loads end by themselves (exact ground truth), and the
+   (no `for`). Then compose's limit is put back, the scan ends by itself and the steady load is stopped
+   AFTER_KILL_S after the kill (SIGTERM: locust writes its exact ground truth), and the
    counts of every source say what happened to the requests in flight: the edge counts exactly what locust
    and the scanner got, 502s included; the app's own metrics (manual: files that outlive the worker)
    count exactly what the app answered, i.e. the edge's counts without the 502s; the SDK's (otel metrics
    and span metrics) lose what the killed worker answered after its last export, and no more.
-3. Throttling: the spike scenario alone, through the edge (5 users with no think time, up to 40), against
+3. cAdvisor and node-exporter SIGKILLed: CadvisorTargetDown and NodeExporterTargetDown fire, the saturation
+   series go absent (not 0) and no saturation alert fires on them; both resolve once they are back.
+4. Throttling: the spike scenario alone, through the edge (5 users with no think time, up to 40), against
    the app under a CFS quota of SPIKE_CPUS cores: the quota is spent in most periods. DiceAppCpuThrottled
    fires in its drill (windows divided by 10: 30 s of `for`) and resolves once the spike is over; the
    committed alert goes pending (its 5-minute `for` outlasts the spike). This replaces the SIGSTOP drill
    the CPU-starvation test once used. Not compose's quota of 1 core: on a 2-core machine that also runs
    locust, the edge and the collector, the spike left the app at most 0.66 cores (the host 99 % busy) and
    8 % of its periods throttled: the machine, not the quota, was its limit.
-4. DiceAppOomKilled resolves: it reads the naming layer's 5-minute increase, which no drill shortens, so
-   about 5 minutes after the kill (the throttling test runs meanwhile).
-5. cAdvisor and node-exporter SIGKILLed: CadvisorTargetDown and NodeExporterTargetDown fire, the saturation
-   series go absent (not 0) and no saturation alert fires on them; both resolve once they are back.
+5. DiceAppOomKilled resolves: it reads the naming layer's 5-minute increase, which no drill shortens, so
+   about 5 minutes after the kill. The exporter and throttling tests run meanwhile: the increase is taken
+   over the samples of those 5 minutes, which cAdvisor's absence leaves in place, so the alert neither
+   resolves early nor starts again around cAdvisor's restart (both checked).
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import psutil
 import pytest
 
 from tooling.native.container import compose_cpus, compose_mem_limit
-from tooling.native.drills import Notified, alerts_seen, compose_users, drill_stack
+from tooling.native.drills import Notified, SteadyLoad, alerts_seen, compose_users, drill_stack
 from tooling.native.stack import locust_result, poll, prometheus_query, run_locust
 
 pytestmark = pytest.mark.integration
@@ -48,8 +51,13 @@ FACTOR = 10
 DRILL = f"x{FACTOR}"
 SATURATION = ("DiceAppCpuThrottled", "DiceAppMemoryNearLimit", "DiceAppOomKilled", "HostDiskWillFillIn24h",
               "NodeExporterTargetDown", "CadvisorTargetDown")
+# What must stay quiet while the exporters are down: the saturation alerts that read their instant series
+# and rates (the OOM kills' 5-minute increase is held by its samples, and the OOM test's kill is in it).
+ON_ABSENT_DATA = ("DiceAppCpuThrottled", "DiceAppMemoryNearLimit", "HostDiskWillFillIn24h")
 QUIET_SECONDS = 75  # the steady load's first 75 s: every 1-minute rate of the app's cgroup has data
-STEADY_SECONDS = 240  # the steady load of the OOM test, which ends by itself (exact ground truth)
+# The OOM test's steady load is stopped this long after the kill, once the alert has fired: MAX_GAP_S is
+# measured over the 30 s after the kill, and the app must be seen answering after it.
+AFTER_KILL_S = 35
 # Above what the app uses at rest under the steady load: what the scan has to add before the kernel acts.
 # Small enough that a few thousand paths do it (each path a worker has seen costs it memory in its
 # exporters), large enough that the steady load alone never does.
@@ -179,16 +187,15 @@ def test_steady_load_sets_off_no_saturation_alert(stack, notified):
 
 
 def test_path_scan_under_a_low_memory_limit_oom_kills_a_worker_and_every_source_says_what_was_lost(
-        stack, notified):
+        stack, notified, request):
     group = stack.app_cgroup
     master = psutil.Process(stack.app.process.pid)
     workers = {w.pid for w in master.children()}
     assert len(workers) == 2 and set(group.pids()) >= {master.pid, *workers}, (workers, group.pids())
     assert BEFORE, "the quiet test did not leave its counts"
     before = BEFORE
-    steady = run_locust(stack.edge_url, STEADY_SECONDS, compose_users("locust"), stack.run_dir, name="steady",
-                        background=True, scenario="steady",
-                        otlp_endpoint=f"http://127.0.0.1:{stack.ports.otlp_grpc}")
+    steady = SteadyLoad(stack, name="steady")
+    request.addfinalizer(steady.stop)  # if the test fails before it is stopped
     time.sleep(20)  # the steady load's memory is in use, as it is at rest
     kills_before = group.memory.stats()["oom_kill"]
     at_rest = group.memory.stats()
@@ -230,9 +237,9 @@ def test_path_scan_under_a_low_memory_limit_oom_kills_a_worker_and_every_source_
     TIMES["worker OOM-killed -> DiceAppOomKilled (committed)"] = \
         notified.wait("firing", 120, **oom) - (killed - notified.since)
 
-    # Both loads end by themselves: their ground truth is exact.
-    steady.wait(STEADY_SECONDS + 60)
-    truth = locust_result(stack.run_dir, "steady")
+    # The scan's chunks ended by themselves; the steady load is stopped (SIGTERM): both ground truths are exact.
+    time.sleep(max(0.0, killed + AFTER_KILL_S - time.time()))
+    truth = steady.stop()
     scan_truth = Counter()
     for name in chunks:
         scan_truth += sent(locust_result(stack.run_dir, name), {"/**": "?"})
@@ -283,6 +290,48 @@ def test_path_scan_under_a_low_memory_limit_oom_kills_a_worker_and_every_source_
             assert n <= in_flight_window[key], (source, key, n, in_flight_window)
 
 
+def test_exporters_down_fire_their_target_down_and_saturation_goes_absent_not_zero(stack, notified):
+    """cAdvisor and node-exporter SIGKILLed: their target-down alerts fire (the x10 drills, 6 s of `for`; as
+    committed, 1 minute), the naming layer's series go absent rather than 0, so no saturation alert can
+    fire on what is not measured; both resolve once the exporters are started again. The OOM test's
+    DiceAppOomKilled is still firing meanwhile (its 5-minute increase holds the kill): it must carry on as
+    it was, neither resolved nor started again."""
+    # A quiet start: nothing that could read as an alert on absent data below.
+    poll(lambda: not stack.query(f'ALERTS{{alertname=~"{"|".join(ON_ABSENT_DATA)}"}}'), 120,
+         "no saturation alert but DiceAppOomKilled pending or firing before the exporters are killed")
+    oom_started = {a["labels"].get("drill", ""): a["startsAt"] for _, a in notified.seen("firing", since=0.0)
+                   if a["labels"]["alertname"] == "DiceAppOomKilled"}
+    started = notified.since = time.time()
+    for exporter in (stack.cadvisor, stack.node_exporter):
+        exporter.process.kill()
+        exporter.process.wait()
+    for alert in ("CadvisorTargetDown", "NodeExporterTargetDown"):
+        TIMES[f"exporter SIGKILLed -> {alert} (drill x10)"] = notified.wait("firing", 60, alertname=alert, drill=DRILL)
+    # Instant series go stale at the first failed scrape; rates over 1 minute end a minute later.
+    names = ("dice:container_cpu_usage:cores_rate1m", "dice:container_cpu_limit:cores",
+             "dice:container_cpu_throttled_periods:ratio_rate1m", "dice:container_memory_working_set:bytes",
+             "dice:container_memory_limit:bytes", "dice:node_filesystem_free:ratio", "dice:node_cpu_busy:ratio_rate1m")
+    # (Not the OOM kills' 5-minute increase: it is computed from the last 5 minutes' samples for 5 minutes.)
+    poll(lambda: not stack.query(f'{{__name__=~"{"|".join(names)}"}}'), 90,
+         "every saturation series absent while the exporters are down")
+    seen = alerts_seen(stack.prometheus_url, started, selector=f'{{alertname=~"{"|".join(ON_ABSENT_DATA)}"}}')
+    assert not seen, f"saturation alerts on absent data: {seen}"
+
+    restarted = time.time()
+    stack.start_node_exporter()
+    stack.start_cadvisor()
+    for alert in ("CadvisorTargetDown", "NodeExporterTargetDown"):
+        TIMES[f"exporter started again -> {alert} resolved (drill x10)"] = \
+            notified.wait("resolved", 60, alertname=alert, drill=DRILL) - (restarted - started)
+    poll(lambda: value(stack, 'dice:container_memory_limit:bytes{service="app"}') == compose_mem_limit("app"), 60,
+         "the app's container series back after cAdvisor's restart")
+    # One firing of DiceAppOomKilled, as before the exporters went down: none started since.
+    restarted_oom = [a["startsAt"] for _, a in notified.seen("firing", since=started)
+                     if a["labels"]["alertname"] == "DiceAppOomKilled"
+                     and a["startsAt"] != oom_started.get(a["labels"].get("drill", ""))]
+    assert not restarted_oom, f"DiceAppOomKilled started again around cAdvisor's restart: {restarted_oom}"
+
+
 def test_spike_through_the_edge_throttles_the_app_and_fires_cpu_throttled(stack, notified):
     group = stack.app_cgroup
     group.set_cpus(SPIKE_CPUS)
@@ -326,43 +375,12 @@ def test_oom_alert_resolves_once_the_kill_leaves_its_five_minutes(stack, notifie
         pytest.skip("the OOM test did not get a kill")
     notified.since = killed
     oom = {"alertname": "DiceAppOomKilled", "drill": "", "service": "app"}
-    TIMES["worker OOM-killed -> DiceAppOomKilled resolved (committed, its 5-minute increase)"] = \
+    resolved = TIMES["worker OOM-killed -> DiceAppOomKilled resolved (committed, its 5-minute increase)"] = \
         notified.wait("resolved", max(60.0, killed + 420 - time.time()), **oom)
+    # Not before the kill left the increase's 5 minutes (less a scrape): not on cAdvisor's absence meanwhile.
+    assert resolved >= 300 - 10, resolved
     # Nothing else of the saturation alerts fired but what the faults set off, from the quiet test on.
     fired = {name for name, *_ in notified.firing(STATE.get("quiet", 0.0)) if name in SATURATION}
     print("saturation alerts that fired:", sorted(fired), "\nall notifications:", notified.summary())
-    assert fired <= {"DiceAppOomKilled", "DiceAppCpuThrottled", "DiceAppMemoryNearLimit"}, fired
-
-
-def test_exporters_down_fire_their_target_down_and_saturation_goes_absent_not_zero(stack, notified):
-    """cAdvisor and node-exporter SIGKILLed: their target-down alerts fire (the x10 drills, 6 s of `for`; as
-    committed, 1 minute), the naming layer's series go absent rather than 0, so no saturation alert can
-    fire on what is not measured; both resolve once the exporters are started again."""
-    # A quiet start: the spike's committed DiceAppCpuThrottled stays pending while its 1-minute rate still
-    # holds the spike, and would read as an alert on absent data below.
-    poll(lambda: not stack.query(f'ALERTS{{alertname=~"{"|".join(SATURATION[:4])}"}}'), 120,
-         "no saturation alert pending or firing before the exporters are killed")
-    started = notified.since = time.time()
-    for exporter in (stack.cadvisor, stack.node_exporter):
-        exporter.process.kill()
-        exporter.process.wait()
-    for alert in ("CadvisorTargetDown", "NodeExporterTargetDown"):
-        TIMES[f"exporter SIGKILLed -> {alert} (drill x10)"] = notified.wait("firing", 60, alertname=alert, drill=DRILL)
-    # Instant series go stale at the first failed scrape; rates over 1 minute end a minute later.
-    names = ("dice:container_cpu_usage:cores_rate1m", "dice:container_cpu_limit:cores",
-             "dice:container_cpu_throttled_periods:ratio_rate1m", "dice:container_memory_working_set:bytes",
-             "dice:container_memory_limit:bytes", "dice:node_filesystem_free:ratio", "dice:node_cpu_busy:ratio_rate1m")
-    # (Not the OOM kills' 5-minute increase: it is computed from the last 5 minutes' samples for 5 minutes.)
-    poll(lambda: not stack.query(f'{{__name__=~"{"|".join(names)}"}}'), 90,
-         "every saturation series absent while the exporters are down")
-    seen = alerts_seen(stack.prometheus_url, started, selector=f'{{alertname=~"{"|".join(SATURATION[:4])}"}}')
-    assert not seen, f"saturation alerts on absent data: {seen}"
-
-    restarted = time.time()
-    stack.start_node_exporter()
-    stack.start_cadvisor()
-    for alert in ("CadvisorTargetDown", "NodeExporterTargetDown"):
-        TIMES[f"exporter started again -> {alert} resolved (drill x10)"] = \
-            notified.wait("resolved", 60, alertname=alert, drill=DRILL) - (restarted - started)
-    poll(lambda: value(stack, 'dice:container_memory_limit:bytes{service="app"}') == compose_mem_limit("app"), 60,
-         "the app's container series back after cAdvisor's restart")
+    assert fired <= {"DiceAppOomKilled", "DiceAppCpuThrottled", "DiceAppMemoryNearLimit", "CadvisorTargetDown",
+                     "NodeExporterTargetDown"}, fired
