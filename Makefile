@@ -53,10 +53,10 @@ test: $(STAMP) ## the unit and integration tiers (the docker tiers are make e2e 
 	$(MAKE) --no-print-directory -j5 collector prometheus alertmanager sloth edge exporters k8s-tools test-tools
 	@# Three workers on 2 cores, a test file each at a time, in tests/conftest.py's LONGEST_FIRST order:
 	@# most integration time is waiting on export, scrape and alert intervals, and the three alert files
-	@# alone take 28 of 47 test-minutes. Two workers took 24 minutes; three about 18. At most two alert
-	@# files run at once (conftest.py, alert_stack_slot): their latency SLOs fail with all three. Tests
-	@# that measure the machine check against what the kernel and the collector say happened, not against
-	@# spare CPU. The docker tiers need a Docker engine and, for kind, release downloads: they are their own
+	@# alone take 25 of 49 test-minutes. Two workers took 24 minutes; three about 18. At most two alert
+	@# files run at once (conftest.py, ALERT_PAIR: one worker runs two of them in turn): their latency
+	@# SLOs fail with all three. Tests that measure the machine check against what the kernel and the
+	@# collector say happened, not against spare CPU. The docker tiers need a Docker engine and, for kind, release downloads: they are their own
 	@# targets, never part of this one.
 	@echo "make test: unit and integration tiers; the docker tiers are 'make e2e' (compose) and 'make e2e-k8s' (kind)"
 	$(PY) -m pytest -n 3 --dist loadfile --no-loadscope-reorder -m "not e2e"

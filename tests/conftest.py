@@ -6,10 +6,7 @@ reports/, e2e/); helpers that several folders use live in tests/stackfiles.py (t
 
 from __future__ import annotations
 
-import fcntl
 import sys
-import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -18,29 +15,48 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 APP_DIR = REPO_ROOT / "app"
 TIERS = ("unit", "integration", "e2e")
 
-# The three files that each run the native stack with alerting under load for 8 to 10 minutes: 28 of the 47
+# The three files that each run the native stack with alerting under load for 6 to 11 minutes: 25 of the 49
 # test-minutes. Their latency SLOs do not hold on 2 cores with all three at once (three of their tests
-# failed within 7 minutes when `make test -n 3` started them together), so at most ALERT_STACKS_AT_ONCE run
-# at a time: a third waits for a slot (alert_stack_slot below), and LONGEST_FIRST makes that wait rare.
+# failed within 7 minutes when `make test -n 3` started them together), so two of them are one unit of
+# work for pytest-xdist (ALERT_PAIR, pytest_xdist_make_scheduler below): one worker runs them one after the
+# other, and at most two alert stacks ever run at once.
 ALERT_STACKS = ("tests/alerts/test_alerts_native.py", "tests/alerts/test_saturation_alerts.py",
                 "tests/alerts/test_alert_faults.py")
-ALERT_STACKS_AT_ONCE = 2
+ALERT_PAIR = ALERT_STACKS[1:]
 
-# The order in which `make test` hands out the files that matter to its length (minutes each in a CI run of
-# 2026-12-07: 10.5, 9.7, 3.0, 1.7, 1.5, 1.4, 1.1, 1.3, 0.6, 8.3; the other files together about 8). It hands
-# out whole files (pytest-xdist's --dist loadfile) in collection order, its reordering by test count turned
-# off (--no-loadscope-reorder): otherwise these files, having few tests each, come last, and the run ends
-# with one worker alone on them. Three workers start on two alert files and the third on the middle-sized
-# files, which last about as long as the shorter alert file, so that the third alert file starts as one of
-# the first two ends (simulated on that run's test times: 18.3 to 18.8 minutes, at most 2 alert files at once).
+# The order in which `make test` hands out the files that matter to its length, longest first (minutes each
+# in a CI run of 2026-12-07: 10.9; the pair 7.4 + 6.5; 3.1, 2.5, 2.2, 1.7, 1.6, 1.6, 1.4, 1.4, 1.0, 0.9, 0.8,
+# 0.8, 0.6, 0.6; the other files together about 3.5). Whole files (--dist loadfile) in collection order, its
+# reordering by test count turned off (--no-loadscope-reorder): otherwise these files, having few tests
+# each, come last, and the run ends with one worker alone on them. One worker takes the longest alert
+# file, one the pair, the third the rest from the longest down, and each of the first two joins it when done:
+# about 16.3 minutes on three workers if the rest packed perfectly.
 LONGEST_FIRST = (
-    "tests/alerts/test_alerts_native.py", "tests/alerts/test_saturation_alerts.py",
-    "tests/collector/test_reliability.py", "tests/collector/test_logs.py", "tests/edge/test_edge_faults.py",
-    "tests/reports/test_compare.py", "tests/saturation/test_saturation_native.py",
-    "tests/collector/test_cardinality.py", "tests/alerts/test_alertmanager.py", "tests/alerts/test_alert_faults.py",
-    # Four apps nobody here wrote, each run and loaded natively (about 3.5 minutes with their Pythons cached).
+    "tests/alerts/test_alerts_native.py", *ALERT_PAIR,
+    "tests/collector/test_reliability.py",
+    # Four apps nobody here wrote, each run and loaded natively (about 2.5 minutes with their Pythons cached).
     "tests/own_app/test_own_apps.py",
+    "tests/collector/test_cardinality.py", "tests/collector/test_logs.py", "tests/edge/test_edge_faults.py",
+    "tests/saturation/test_saturation_native.py", "tests/reports/test_bench.py", "tests/reports/test_compare.py",
+    "tests/k8s/test_k8s.py", "tests/collector/test_pipeline.py", "tests/collector/test_resolution.py",
+    "tests/prometheus/test_prometheus.py", "tests/grafana/test_grafana.py", "tests/alerts/test_alertmanager.py",
 )
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist, which a run with -p no:xdist does not load
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile with the ALERT_PAIR as one unit of work: its files run on one worker, in collection
+    order, each with its own module fixtures (its own stack)."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class AlertPairScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return " + ".join(ALERT_PAIR) if path in ALERT_PAIR else path
+
+    return AlertPairScheduling(config, log)
 
 
 def untiered(items) -> list[str]:
@@ -56,41 +72,6 @@ def pytest_collection_modifyitems(config, items):
                                 f"pytestmark): {', '.join(missing)}")
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
-
-
-@pytest.fixture(scope="module", autouse=True)
-def alert_stack_slot(request, tmp_path_factory):
-    """Under pytest-xdist, an ALERT_STACKS file runs holding one of ALERT_STACKS_AT_ONCE slots: a lock file in
-    the folder that this run's workers share (each worker's temp folder is inside it). Without xdist, files
-    run one at a time anyway. Before the module's own fixtures, so its stack starts only once it holds one."""
-    if not hasattr(request.config, "workerinput") or request.node.nodeid not in ALERT_STACKS:
-        yield
-        return
-    shared = tmp_path_factory.getbasetemp().parent
-    asked = time.monotonic()
-    while True:
-        for slot in range(ALERT_STACKS_AT_ONCE):
-            lock = (shared / f"alert-stack-slot-{slot}.lock").open("w")
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                lock.close()
-        else:
-            # The other alert files end within their 8 to 10 minutes; far past that, something hangs.
-            if time.monotonic() - asked > 30 * 60:
-                pytest.fail(f"no alert-stack slot free in 30 minutes ({ALERT_STACKS_AT_ONCE} held)")
-            time.sleep(1)
-            continue
-        break
-    waited = time.monotonic() - asked
-    if waited > 1:
-        warnings.warn(f"{request.node.nodeid} waited {waited:.0f} s for an alert-stack slot "
-                      f"({ALERT_STACKS_AT_ONCE} at once)", stacklevel=1)
-    try:
-        yield
-    finally:
-        lock.close()  # releases the flock
 
 
 @pytest.fixture(scope="session")

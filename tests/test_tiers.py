@@ -48,10 +48,11 @@ def test_the_longest_files_run_first_and_exist():
     assert files[:len(LONGEST_FIRST)] == list(LONGEST_FIRST), files[:12]
 
 
-def test_the_alert_files_run_at_most_so_many_at_once(tmp_path):
-    """Three stand-in alert files, each a test that notes when it ran, under three xdist workers: the slots of
-    conftest.alert_stack_slot keep the third waiting until one of the first two is done."""
-    from conftest import ALERT_STACKS, ALERT_STACKS_AT_ONCE
+def test_the_alert_pair_runs_on_one_worker_so_at_most_two_alert_stacks_run_at_once(tmp_path):
+    """Three stand-in alert files, each a test that notes when and where it ran, under three xdist workers as
+    `make test` runs them: conftest's scheduler gives the ALERT_PAIR to one worker, which runs its files one
+    after the other, so no more than two ever run at once although a worker is free for the third."""
+    from conftest import ALERT_PAIR, ALERT_STACKS
 
     (tmp_path / "tests").mkdir()
     shutil.copy(TESTS / "conftest.py", tmp_path / "tests" / "conftest.py")
@@ -60,14 +61,18 @@ def test_the_alert_files_run_at_most_so_many_at_once(tmp_path):
     for path in ALERT_STACKS:
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(
-            "import time\n\nimport pytest\n\npytestmark = pytest.mark.unit\n\n\ndef test_a_stack():\n"
+            "import os\nimport time\n\nimport pytest\n\npytestmark = pytest.mark.unit\n\n\ndef test_a_stack():\n"
             "    started = time.time()\n    time.sleep(3)\n"
-            f"    with open({str(ran)!r}, 'a') as out:\n        out.write(f'{{started}} {{time.time()}}\\n')\n")
+            f"    with open({str(ran)!r}, 'a') as out:\n"
+            f"        out.write(f'{{started}} {{time.time()}} {{os.environ[\"PYTEST_XDIST_WORKER\"]}} {path}\\n')\n")
     result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "3", "--dist", "loadfile",
-                             "-q", *ALERT_STACKS], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                             "--no-loadscope-reorder", "-q", *ALERT_STACKS], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
-    spans = sorted(tuple(map(float, line.split())) for line in ran.read_text().splitlines())
-    assert len(spans) == len(ALERT_STACKS), spans
-    most_at_once = max(sum(start <= moment < end for start, end in spans) for moment, _ in spans)
-    assert most_at_once == ALERT_STACKS_AT_ONCE < len(ALERT_STACKS), spans
-    assert "waited" in result.stdout and "for an alert-stack slot" in result.stdout, result.stdout
+    runs = sorted((float(start), float(end), worker, path) for start, end, worker, path in
+                  (line.split() for line in ran.read_text().splitlines()))
+    assert len(runs) == len(ALERT_STACKS), runs
+    most_at_once = max(sum(start <= moment < end for start, end, *_ in runs) for moment, *_ in runs)
+    assert most_at_once == 2, runs
+    pair = [run for run in runs if run[3] in ALERT_PAIR]
+    assert [run[3] for run in pair] == list(ALERT_PAIR) and pair[0][2] == pair[1][2], runs
