@@ -57,7 +57,10 @@ def send(port: int, paths: list[str], connections: int = 6, deadline_s: float = 
     stop_at = time.monotonic() + deadline_s  # a bound on time as well as on count
 
     def worker(chunk: list[str]) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        # Longer than the edge's response_header_timeout (15 s): an app too slow to answer gets the edge's
+        # 504, which the counts then show. A 10 s timeout once gave up on all 8 connections at once while
+        # the suite's other stacks loaded both cores (status 0, no answer to count).
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         local: Counter = Counter()
         for path in chunk:
             if time.monotonic() > stop_at:
