@@ -26,11 +26,12 @@ ALERT_PAIR = ALERT_STACKS[1:]
 
 # The order in which `make test` hands out the files that matter to its length, longest first (minutes each
 # in a CI run of 2026-12-07: 10.9; the pair 7.4 + 6.5; 3.1, 2.5, 2.2, 1.7, 1.6, 1.6, 1.4, 1.4, 1.0, 0.9, 0.8,
-# 0.8, 0.6, 0.6; the other files together about 3.5; 46 to 49 test-minutes in all, 15 min 46 s of pytest). Whole files (--dist loadfile) in collection order, its
-# reordering by test count turned off (--no-loadscope-reorder): otherwise these files, having few tests
-# each, come last, and the run ends with one worker alone on them. One worker takes the longest alert
-# file, one the pair, the third the rest from the longest down, and each of the first two joins it when done:
-# about 16.3 minutes on three workers if the rest packed perfectly.
+# 0.8, 0.6, 0.6; the other files together about 3.5; 46 to 49 test-minutes in all). Whole files (--dist
+# loadfile) in collection order, its reordering by test count turned off (--no-loadscope-reorder):
+# otherwise these files, having few tests each, come last, and the run ends with one worker alone on them.
+# One worker takes the longest alert file, one the pair, the third the rest from the longest down, and each
+# of the first two joins it when done: 15 to 17 minutes of pytest on three workers (16.3 if the rest
+# packed perfectly).
 LONGEST_FIRST = (
     "tests/alerts/test_alerts_native.py", *ALERT_PAIR,
     "tests/collector/test_reliability.py",

@@ -94,7 +94,10 @@ def collector_counter(stack, expr: str) -> int:
 
 def test_pipeline_faults_fire_export_failing_refusing_data_and_sources_disagree(stack, load, notified):
     time.sleep(max(0.0, load.started + WARMUP_SECONDS - time.time()))
-    assert {name for name, *_ in notified.firing(0)} <= EXPECTED, notified.summary()
+    # Not the latency SLO, here as below: on a fresh stack its windows hold only the first seconds, and
+    # with another alert stack's spike on the same 2 cores the first requests can be slow enough for its
+    # ticket (seen once, committed and x24). The steady load's quiet is test_alerts_native.py's to hold.
+    assert {name for name, *_ in notified.firing(0)} - {"DiceApiLatencyBurnRate"} <= EXPECTED, notified.summary()
 
     # The collector restarted with its logs pipeline limited to 4 MiB: it uses several times that at rest.
     stack.collector.stop()

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import ctypes
 import hashlib
 import json
 import os
@@ -237,10 +236,12 @@ def make_serving_cert(directory: Path, name: str) -> tuple[Path, Path]:
     return directory / f"{name}.crt", directory / f"{name}.key"
 
 
-def die_with_parent() -> None:
-    """In a child before it execs: SIGKILL it when the test process dies, so that a killed test run leaves no
-    API server behind (prctl PR_SET_PDEATHSIG survives nsenter's exec)."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+# SIGKILL for the child when the test process dies, so that a killed test run leaves no API server behind
+# (PR_SET_PDEATHSIG survives nsenter's exec). Set by util-linux's setpriv, not by a preexec_fn: that makes
+# subprocess fork() instead of vfork(), which runs the fork handlers of the gRPC the worker has loaded
+# (the native stack's sinks), and one aborted the child before its exec (exit -6, "epoll_wait error: Bad
+# file descriptor").
+DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
 
 
 class LocalCluster:
@@ -262,8 +263,8 @@ class LocalCluster:
 
     def start_namespace(self) -> None:
         """`unshare --net` keeps a `sleep` in a new network namespace; everything else joins it by pid."""
-        self.holder = subprocess.Popen(["unshare", "--net", "sleep", "infinity"], stderr=subprocess.PIPE,
-                                       preexec_fn=die_with_parent)
+        self.holder = subprocess.Popen([*DIE_WITH_PARENT, "unshare", "--net", "sleep", "infinity"],
+                                       stderr=subprocess.PIPE)
         own = os.readlink("/proc/self/ns/net")
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -294,9 +295,8 @@ class LocalCluster:
         log = self.workdir / f"{name}.log"
         self.logs[name] = log
         with log.open("wb") as out:
-            proc = subprocess.Popen(self.inside(*cmd), stdout=out, stderr=subprocess.STDOUT,
-                                    env={**os.environ, **(env or {})}, start_new_session=True,
-                                    preexec_fn=die_with_parent)
+            proc = subprocess.Popen([*DIE_WITH_PARENT, *self.inside(*cmd)], stdout=out, stderr=subprocess.STDOUT,
+                                    env={**os.environ, **(env or {})}, start_new_session=True)
         self.processes[name] = proc
         return proc
 
