@@ -143,9 +143,11 @@ class AppPython:
 
 def app_python(app: OwnApp, cache_dir: Path = CACHE_DIR, log=print) -> AppPython:
     """The app's image natively: a virtualenv with its requirements.txt and its setup run in `site`."""
-    home = cache_dir / f"{app.name}-{_key(app)}"
+    # The real path: a virtualenv's scripts name their Python by the path it was made at (shebangs), so one
+    # made through a checkout's symlinked .cache breaks once that checkout is gone.
+    home = (cache_dir / f"{app.name}-{_key(app)}").resolve()
     result = AppPython(home / "venv" / "bin", home / "site")
-    if (home / ".complete").exists():
+    if (home / ".complete").exists() and _scripts_run(result.bin):
         return result
     shutil.rmtree(home, ignore_errors=True)
     result.site.mkdir(parents=True)
@@ -158,6 +160,15 @@ def app_python(app: OwnApp, cache_dir: Path = CACHE_DIR, log=print) -> AppPython
         _run(["/bin/sh", "-c", command], env, result.site)
     (home / ".complete").write_text("")
     return result
+
+
+def _scripts_run(bin_dir: Path) -> bool:
+    """Whether the virtualenv's scripts still name a Python that exists (the pip script's shebang)."""
+    try:
+        first = (bin_dir / "pip").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return False
+    return first.startswith("#!") and Path(first[2:].split()[0]).exists()
 
 
 def _run(argv: list[str], env: dict, cwd: Path) -> None:
