@@ -296,6 +296,8 @@ def test_spike_through_the_edge_throttles_the_app_and_fires_cpu_throttled(stack,
     group = stack.app_cgroup
     group.set_cpus(SPIKE_CPUS)
     start_stat = group.cpu_stat()
+    cpu_used = lambda: int((group.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9  # noqa: E731
+    start_cpu = cpu_used()
     started = notified.since = time.time()
     spike = run_locust(stack.edge_url, None, 5, stack.run_dir, name="spike", background=True, scenario="spike")
     throttled = {"alertname": "DiceAppCpuThrottled", "drill": DRILL, "service": "app"}
@@ -308,8 +310,10 @@ def test_spike_through_the_edge_throttles_the_app_and_fires_cpu_throttled(stack,
             spike.terminate()
             spike.wait(30)
         end_stat = group.cpu_stat()
+        end_cpu = cpu_used()
         group.set_cpus(compose_cpus("app"))
     ended = time.time()
+    kernel_cores = (end_cpu - start_cpu) / (ended - started)
     kernel_share = (end_stat["nr_throttled"] - start_stat["nr_throttled"]) / max(
         1, end_stat["nr_periods"] - start_stat["nr_periods"])
     window = f"{round(ended - started)}s"
@@ -317,10 +321,14 @@ def test_spike_through_the_edge_throttles_the_app_and_fires_cpu_throttled(stack,
     cpu = value(stack, f'max_over_time(dice:container_cpu_usage:cores_rate1m{{service="app"}}[{window}])')
     print(f"\nspike: {dict(sent(locust_result(stack.run_dir, 'spike'), {r: r for r in ROUTES}))} in "
           f"{ended - started:.0f} s; throttled share (kernel, whole spike) {kernel_share:.1%}, naming layer peak "
-          f"{peak:.1%}; CPU peak {cpu:.2f} cores of {SPIKE_CPUS}")
+          f"{peak:.1%}; CPU peak {cpu:.2f} cores of {SPIKE_CPUS} (kernel, whole spike {kernel_cores:.3f})")
     # The kernel's own accounting agrees with what cAdvisor and the naming layer made of it.
     assert kernel_share > 0.25 and peak > 0.25, (kernel_share, peak)
-    assert cpu <= SPIKE_CPUS * 1.1, "the app used more CPU than its quota allows"
+    # The quota held, by the kernel's own count (cpuacct.usage over the whole spike). The naming layer's
+    # peak is a 1-minute rate over cAdvisor's 5-second samples: one sample more or less in its window is
+    # 1/12 of it, so it is held to 20 % (it read 0.277 and 0.281 cores of 0.25 in two runs).
+    assert kernel_cores <= SPIKE_CPUS * 1.05, "the app used more CPU than its quota allows"
+    assert cpu <= SPIKE_CPUS * 1.2, "cAdvisor's rate of the app's CPU far above what its quota allows"
     TIMES["spike over -> DiceAppCpuThrottled resolved (drill x10)"] = \
         notified.wait("resolved", 150, **throttled) - (ended - notified.since)
     # The committed alert's expression held too; its 5 minutes outlast the spike.
