@@ -26,10 +26,8 @@ Alertmanager notify a webhook receiver:
    8 % of its periods throttled: the machine, not the quota, was its limit.
 4. cAdvisor and node-exporter SIGKILLed: CadvisorTargetDown and NodeExporterTargetDown fire, the saturation
    series go absent (not 0) and no saturation alert fires on them; both resolve once they are back.
-5. DiceAppOomKilled resolves: it reads the naming layer's 5-minute increase, which no drill shortens, so
-   about 5 minutes after the kill. The throttling and exporter tests run meanwhile, the spike first: run
-   right after cAdvisor's restart, it once read 0.277 cores against the 0.25 quota (held to 10 %), which
-   runs before the restart never did. The increase is taken
+5. DiceAppOomKilled resolves: it reads the naming layer's 5-minute count of kills, which no drill shortens, so
+   about 5 minutes after the kill. The throttling and exporter tests run meanwhile. The count is taken
    over the samples of those 5 minutes, which cAdvisor's absence leaves in place, so the alert neither
    resolves early nor starts again around cAdvisor's restart (both checked).
 """
