@@ -294,8 +294,7 @@ def test_spike_through_the_edge_throttles_the_app_and_fires_cpu_throttled(stack,
     group = stack.app_cgroup
     group.set_cpus(SPIKE_CPUS)
     start_stat = group.cpu_stat()
-    cpu_used = lambda: int((group.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9  # noqa: E731
-    start_cpu = cpu_used()
+    start_cpu = group.cpu_seconds()
     started = notified.since = time.time()
     spike = run_locust(stack.edge_url, None, 5, stack.run_dir, name="spike", background=True, scenario="spike")
     throttled = {"alertname": "DiceAppCpuThrottled", "drill": DRILL, "service": "app"}
@@ -308,7 +307,7 @@ def test_spike_through_the_edge_throttles_the_app_and_fires_cpu_throttled(stack,
             spike.terminate()
             spike.wait(30)
         end_stat = group.cpu_stat()
-        end_cpu = cpu_used()
+        end_cpu = group.cpu_seconds()
         group.set_cpus(compose_cpus("app"))
     ended = time.time()
     kernel_cores = (end_cpu - start_cpu) / (ended - started)

@@ -113,7 +113,7 @@ class KernelCpu(PeriodicReader):
         the cgroup is gone (the stack went down with a failed fixture)."""
         try:
             stat = self.group.cpu_stat()
-            used = int((self.group.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9
+            used = self.group.cpu_seconds()
         except OSError as exc:
             self.errors.append(str(exc))
             return None
@@ -217,11 +217,10 @@ def run(stack) -> Run:
         time.sleep(2)
     group.memory.reset_peak()
 
-    cpu_used = lambda: int((group.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9  # noqa: E731
-    started, cpu_before = time.monotonic(), cpu_used()
+    started, cpu_before = time.monotonic(), group.cpu_seconds()
     scan_start = time.time()
     statuses = send(stack.ports.edge, scan_paths(SCAN_PATHS))
-    seconds, scan_cpu_seconds = time.monotonic() - started, cpu_used() - cpu_before
+    seconds, scan_cpu_seconds = time.monotonic() - started, group.cpu_seconds() - cpu_before
     scan_end = time.time()
     memory["after the scan"] = {"kernel": group.memory.stats(), "worker RSS MiB": workers_rss(stack)}
     # What the scan leaves once the app has been scraped (its exporter renders every scanned path) and

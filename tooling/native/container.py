@@ -529,6 +529,10 @@ class ContainerCgroup:
         """nr_periods, nr_throttled, throttled_time (ns): the kernel's CFS accounting for the quota."""
         return _read_flat(self.dirs["cpu"] / "cpu.stat")
 
+    def cpu_seconds(self) -> float:
+        """The CPU time the kernel charged the cgroup's processes so far (cpuacct.usage)."""
+        return int((self.dirs["cpuacct"] / "cpuacct.usage").read_text()) / 1e9
+
     def wrap(self, argv: list[str]) -> list[str]:
         """`argv`, started so that its pid is in the cgroup of every controller before it runs (exec keeps the
         pid, so gunicorn's master and the workers it forks are all inside)."""
